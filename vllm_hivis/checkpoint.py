@@ -1,0 +1,106 @@
+"""The hivis drafter checkpoint format: an HF-style directory vLLM and plain torch both load.
+
+    <drafter dir>/config.json        a 1-layer Llama config + "architectures": ["HiViSDrafterForCausalLM"]
+                                     + a "hivis" block (DrafterSpec below)
+    <drafter dir>/model.safetensors  fc.weight, layers.0.*, [step_bias]; never embed_tokens or
+                                     lm_head: both are shared from the target at load time
+    <drafter dir>/provenance.json    optional: how it was made (command, seed, commit, metrics)
+
+This module imports neither vLLM nor transformers, so config validation stays cheap.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+ARCHITECTURE = "HiViSDrafterForCausalLM"
+FORMAT_VERSION = 1
+# Which target rows the drafter sees. "input-token": drop target row p iff token p+1 is an image
+# placeholder, so every *input token* the drafter reads is a text token (see hide.py).
+DROP_RULES = ("input-token",)
+
+
+class DrafterFormatError(ValueError):
+    """A directory that is not a loadable hivis drafter (message says what and what is expected)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DrafterSpec:
+    """The ``hivis`` block of a drafter's config.json."""
+
+    hidden_size: int  # must equal the target LM's hidden size (fc: 2H -> H)
+    vocab_size: int  # must equal the target's vocabulary (embedding / LM head are shared)
+    drop_rule: str = "input-token"
+    step_bias_steps: int = 0  # v2 step-dependent bias-correction residuals (0 = off)
+    version: int = FORMAT_VERSION
+    target: str | None = None  # free text: which target it was trained for
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def read_config(drafter_dir: str | os.PathLike) -> dict:
+    d = Path(drafter_dir)
+    if not d.is_dir():
+        raise DrafterFormatError(f"hivis drafter directory {str(d)!r} does not exist "
+                                 "(expected a directory made by `vllm-hivis train` or vllm_hivis.checkpoint)")
+    cfg_path = d / "config.json"
+    if not cfg_path.is_file():
+        raise DrafterFormatError(f"{str(d)!r} has no config.json; a hivis drafter directory holds "
+                                 "config.json (with a 'hivis' block) and model.safetensors")
+    try:
+        return json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise DrafterFormatError(f"{cfg_path} is not valid JSON: {e}") from None
+
+
+def read_spec(drafter_dir: str | os.PathLike) -> DrafterSpec:
+    """Parse and validate a drafter directory's format (not its compatibility with a target)."""
+    cfg = read_config(drafter_dir)
+    arch = cfg.get("architectures") or []
+    block = cfg.get("hivis")
+    if ARCHITECTURE not in arch or not isinstance(block, dict):
+        raise DrafterFormatError(
+            f"{str(drafter_dir)!r} is not a hivis drafter: config.json has architectures={arch} and "
+            f"{'a' if isinstance(block, dict) else 'no'} 'hivis' block; expected "
+            f"architectures=['{ARCHITECTURE}'] and a 'hivis' block (use method 'eagle' for EAGLE heads)")
+    known = {f.name for f in dataclasses.fields(DrafterSpec)}
+    unknown = sorted(set(block) - known)
+    if unknown:
+        raise DrafterFormatError(f"{drafter_dir}: unknown keys {unknown} in the 'hivis' block; known: {sorted(known)}")
+    spec = DrafterSpec(**block)
+    if spec.version != FORMAT_VERSION:
+        raise DrafterFormatError(f"{drafter_dir}: hivis format version {spec.version} is not supported "
+                                 f"(this vllm-hivis reads version {FORMAT_VERSION})")
+    if spec.drop_rule not in DROP_RULES:
+        raise DrafterFormatError(f"{drafter_dir}: drop_rule {spec.drop_rule!r} unknown; expected one of {DROP_RULES}")
+    if cfg.get("hidden_size") != spec.hidden_size or cfg.get("vocab_size") != spec.vocab_size:
+        raise DrafterFormatError(f"{drafter_dir}: config.json hidden_size/vocab_size "
+                                 f"({cfg.get('hidden_size')}/{cfg.get('vocab_size')}) disagree with its 'hivis' "
+                                 f"block ({spec.hidden_size}/{spec.vocab_size})")
+    if cfg.get("num_hidden_layers") != 1:
+        raise DrafterFormatError(f"{drafter_dir}: a hivis drafter has exactly 1 decoder layer, "
+                                 f"config.json says num_hidden_layers={cfg.get('num_hidden_layers')}")
+    if not (Path(drafter_dir) / "model.safetensors").is_file():
+        raise DrafterFormatError(f"{drafter_dir}: model.safetensors is missing (weights are stored as safetensors only)")
+    return spec
+
+
+def llama_config_dict(text_config: dict, spec: DrafterSpec, intermediate_size: int | None = None,
+                      num_heads: int | None = None) -> dict:
+    """config.json for a drafter of a target whose text config (a dict) is `text_config`."""
+    keep = ("hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim", "intermediate_size",
+            "rms_norm_eps", "max_position_embeddings", "rope_parameters", "rope_theta", "hidden_act",
+            "vocab_size", "bos_token_id", "eos_token_id", "pad_token_id", "attention_bias", "mlp_bias")
+    cfg = {k: text_config[k] for k in keep if k in text_config}
+    if intermediate_size:
+        cfg["intermediate_size"] = intermediate_size
+    if num_heads:
+        cfg["num_attention_heads"] = cfg["num_key_value_heads"] = num_heads
+        cfg["head_dim"] = cfg["hidden_size"] // num_heads
+    cfg.update(model_type="llama", architectures=[ARCHITECTURE], num_hidden_layers=1,
+               tie_word_embeddings=False, hivis=spec.to_json())
+    return cfg

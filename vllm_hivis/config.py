@@ -1,0 +1,126 @@
+"""The hivis part of ``--speculative-config``: accept, validate, explain.
+
+Users write ``{"method": "hivis", "model": "<drafter dir>", "num_speculative_tokens": 5}``.
+vLLM's ``SpeculativeConfig.method`` is a closed Literal, so the plugin maps ``hivis`` onto vLLM's
+EAGLE machinery (drafter KV cache, lookahead slots, metrics, rejection sampling all keep working)
+and recognises a hivis run everywhere by the drafter's architecture, which travels with the
+config into every engine and worker process. Every rejected config names what was wrong and
+what is expected, at startup, before any engine process starts.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from .checkpoint import ARCHITECTURE, DrafterFormatError, DrafterSpec, read_spec
+
+logger = logging.getLogger("vllm_hivis.config")
+
+METHOD = "hivis"
+MAX_SPEC_TOKENS = 32
+# SpeculativeConfig fields a user may set together with method "hivis".
+ALLOWED_KEYS = frozenset({
+    "method", "model", "num_speculative_tokens", "enforce_eager", "max_model_len", "revision",
+    "code_revision", "quantization", "attention_backend", "kv_cache_dtype", "disable_padded_drafter_batch",
+    "draft_tensor_parallel_size", "tensor_parallel_size", "rejection_sample_method", "draft_sample_method",
+    "disable_eagle_block_drop", "draft_load_config", "num_speculative_tokens_per_batch_size",
+})
+UNSUPPORTED = {
+    "parallel_drafting": "hivis drafts autoregressively; parallel drafting is not supported",
+    "use_heterogeneous_vocab": "a hivis drafter shares the target's vocabulary (embedding and LM head)",
+}
+
+
+class HiViSConfigError(ValueError):
+    """An invalid hivis speculative config (the message says what is expected)."""
+
+
+def is_hivis(vllm_config) -> bool:
+    """True in any process when the speculative config runs a hivis drafter."""
+    spec = getattr(vllm_config, "speculative_config", None)
+    if spec is None or spec.method != "eagle" or spec.draft_model_config is None:
+        return False
+    archs = getattr(spec.draft_model_config, "architectures", None) or []
+    return any(ARCHITECTURE in a for a in archs)
+
+
+def check_user_dict(sc: dict) -> DrafterSpec:
+    """Validate a user's hivis speculative-config dict on its own (no target needed)."""
+    unknown = sorted(set(sc) - ALLOWED_KEYS - set(UNSUPPORTED))
+    if unknown:
+        raise HiViSConfigError(f"unknown key(s) {unknown} in the hivis speculative config; allowed keys: "
+                               f"{sorted(ALLOWED_KEYS)}")
+    for key, why in UNSUPPORTED.items():
+        if sc.get(key):
+            raise HiViSConfigError(f"speculative config key {key!r} cannot be used with method 'hivis': {why}")
+    drafter = sc.get("model")
+    if not drafter:
+        raise HiViSConfigError("method 'hivis' needs 'model': the path of a hivis drafter directory "
+                               "(e.g. `vllm-hivis assets` prints the shipped tiny drafter)")
+    k = sc.get("num_speculative_tokens")
+    if k is None:
+        raise HiViSConfigError("method 'hivis' needs 'num_speculative_tokens' (draft length per step, 1.."
+                               f"{MAX_SPEC_TOKENS}; 3-5 is typical)")
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_SPEC_TOKENS:
+        raise HiViSConfigError(f"num_speculative_tokens must be an integer in 1..{MAX_SPEC_TOKENS}, got {k!r}")
+    try:
+        return read_spec(drafter)
+    except DrafterFormatError as e:
+        raise HiViSConfigError(str(e)) from None
+
+
+def check_against_target(spec: DrafterSpec, drafter: str, target_model_config) -> None:
+    """The drafter must fit the target: a multimodal model with the same hidden size and vocab."""
+    name = target_model_config.model
+    if not target_model_config.is_multimodal_model:
+        raise HiViSConfigError(f"target {name!r} is not a multimodal model; hivis hides image tokens from the "
+                               "drafter of a vision-language model (use method 'eagle' for text-only models)")
+    H = target_model_config.get_hidden_size()
+    V = target_model_config.get_vocab_size()
+    if spec.hidden_size != H:
+        raise HiViSConfigError(f"drafter {drafter!r} has hidden size {spec.hidden_size} but target {name!r} has "
+                               f"{H}; a hivis drafter fuses the target's hidden states and must match it")
+    if spec.vocab_size != V:
+        raise HiViSConfigError(f"drafter {drafter!r} has vocab size {spec.vocab_size} but target {name!r} has {V}; "
+                               "the drafter shares the target's embedding and LM head")
+
+
+def rewrite_engine_args(args) -> DrafterSpec | None:
+    """Map a hivis request onto vLLM's EAGLE path, in place; returns the drafter spec (None: not hivis).
+
+    Runs in the process that builds the engine config (before any engine process starts).
+    """
+    sc = args.speculative_config
+    method = args.spec_method or (sc or {}).get("method")
+    if method != METHOD:
+        return None
+    if sc is not None and not isinstance(sc, dict):
+        raise HiViSConfigError(f"--speculative-config must be a JSON object, got {type(sc).__name__}")
+    sc = dict(sc or {})
+    sc = {k.replace("-", "_"): v for k, v in sc.items()}
+    for flag, key in (("spec_method", "method"), ("spec_model", "model"), ("spec_tokens", "num_speculative_tokens")):
+        if getattr(args, flag, None) is not None:
+            sc[key] = getattr(args, flag)
+            setattr(args, flag, None)
+    spec = check_user_dict(sc)
+    sc["method"] = "eagle"  # the drafter architecture tells every process it is hivis
+    args.speculative_config = sc
+    if args.enable_prefix_caching is None:
+        # Drafter KV lives at compressed positions inside the request's blocks; shared prefix
+        # blocks would let requests overwrite each other's drafter context (acceptance loss).
+        args.enable_prefix_caching = False
+    elif args.enable_prefix_caching:
+        logger.warning("hivis: prefix caching is on; requests sharing cached image prefixes can overwrite "
+                       "each other's drafter context (outputs stay exact, acceptance may drop)")
+    v2 = os.environ.get("VLLM_USE_V2_MODEL_RUNNER")
+    if v2 not in (None, "0"):
+        raise HiViSConfigError("hivis runs on vLLM's V1 model runner in this release; unset "
+                               "VLLM_USE_V2_MODEL_RUNNER or set it to 0")
+    os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+    from .metrics import ensure_frontend_collector
+
+    ensure_frontend_collector()
+    logger.info("hivis: drafter %s, %d speculative tokens (served through vLLM's EAGLE path)",
+                sc["model"], sc["num_speculative_tokens"])
+    return spec

@@ -1,0 +1,59 @@
+"""Optional per-step trace of what the drafter saw (for parity tests and acceptance debugging).
+
+Off unless ``VLLM_HIVIS_TRACE_DIR`` is set. Then every proposal of the first drafter pass writes
+``<dir>/<pid>-<n>.npz`` with, per kept row: request id index, target position, drafter position,
+input token id, input feature and output feature; and the draft tokens of every request.
+Files are written by the worker process that runs the drafter.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+TRACE_DIR_ENV = "VLLM_HIVIS_TRACE_DIR"
+
+
+class ProposalTracer:
+    def __init__(self):
+        d = os.environ.get(TRACE_DIR_ENV)
+        self.dir = Path(d) if d else None
+        self.n = 0
+        self.rec: dict[str, np.ndarray] | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.dir is not None
+
+    def begin(self, req_ids: list[str], req_of_row, target_pos, drafter_pos, input_ids, features) -> None:
+        # req_of_row/target_pos/drafter_pos/input_ids: [M]; features: [M, H]
+        t = lambda x: x.detach().float().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)  # noqa: E731
+        self.rec = {"req_ids": np.array(req_ids), "req_of_row": t(req_of_row), "target_pos": t(target_pos),
+                    "drafter_pos": t(drafter_pos), "input_ids": t(input_ids), "features": t(features)}
+
+    def output(self, out_features: torch.Tensor) -> None:
+        if self.rec is not None and "out_features" not in self.rec:
+            self.rec["out_features"] = out_features[: len(self.rec["input_ids"])].detach().float().cpu().numpy()
+
+    def end(self, draft_token_ids: torch.Tensor, sample_rows: torch.Tensor | None = None) -> None:
+        if self.rec is None:
+            return
+        self.rec["draft_token_ids"] = draft_token_ids.detach().cpu().numpy()
+        if sample_rows is not None:
+            self.rec["sample_rows"] = sample_rows.detach().cpu().numpy()
+        self.dir.mkdir(parents=True, exist_ok=True)
+        np.savez(self.dir / f"{os.getpid()}-{self.n:06d}.npz", **self.rec)
+        self.n += 1
+        self.rec = None
+
+
+def load_traces(trace_dir: str | os.PathLike) -> list[dict[str, np.ndarray]]:
+    """All trace records of a directory, in write order per process."""
+    out = []
+    for f in sorted(Path(trace_dir).glob("*.npz")):
+        with np.load(f) as z:
+            out.append({k: z[k] for k in z.files})
+    return out
