@@ -1,0 +1,41 @@
+"""The shipped tiny-world models, as local directories (nothing is ever downloaded).
+
+    from vllm_hivis import assets
+    assets.tiny_target()   # LLaVA target trained on the tiny world (safetensors + processor)
+    assets.tiny_drafter()  # hivis drafter trained for it
+
+Each directory carries provenance.json: the command, seed, commit and metrics that made it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent / "assets"
+NAMES = {"tiny_target": "tiny-target", "tiny_drafter": "tiny-drafter"}
+
+
+def _dir(name: str) -> str:
+    d = ROOT / name
+    if not (d / "config.json").is_file():
+        raise FileNotFoundError(f"shipped asset {name!r} is missing at {d}; it is committed with the repo "
+                                "(see README.md 'Tiny world' to rebuild it)")
+    return str(d)
+
+
+def tiny_target() -> str:
+    return _dir(NAMES["tiny_target"])
+
+
+def tiny_drafter() -> str:
+    return _dir(NAMES["tiny_drafter"])
+
+
+def all_assets() -> dict[str, str | None]:
+    out: dict[str, str | None] = {}
+    for fn, name in NAMES.items():
+        try:
+            out[fn] = _dir(name)
+        except FileNotFoundError:
+            out[fn] = None
+    return out
