@@ -35,6 +35,7 @@ class DrafterSpec:
     vocab_size: int  # must equal the target's vocabulary (embedding / LM head are shared)
     drop_rule: str = "input-token"
     step_bias_steps: int = 0  # v2 step-dependent bias-correction residuals (0 = off)
+    uses_target_features: bool = True  # False: a text-only drafter (the feature input is zero)
     version: int = FORMAT_VERSION
     target: str | None = None  # free text: which target it was trained for
 

@@ -4,6 +4,9 @@
     vllm-hivis demo                   serve the tiny target with hivis and query it (README main job)
     vllm-hivis train-target ...       train the tiny-world target LLaVA (tinyworld/train_target.py)
     vllm-hivis eval-target DIR ...    grade a target on held-out scenes (tinyworld/evaluate.py)
+    vllm-hivis generate-data ...      target answers + hidden states for drafter training (Ray Data)
+    vllm-hivis train ...              train a drafter: hivis recipe or a baseline (Ray Train)
+    vllm-hivis evaluate ...           offline acceptance replay of a drafter (plain torch)
 """
 
 from __future__ import annotations
@@ -37,7 +40,26 @@ def _eval_target(argv):
     return main(argv)
 
 
-COMMANDS = {"assets": _assets, "demo": _demo, "train-target": _train_target, "eval-target": _eval_target}
+def _generate(argv):
+    from .train.generate import main
+
+    return main(argv)
+
+
+def _train(argv):
+    from .train.trainer import main
+
+    return main(argv)
+
+
+def _evaluate(argv):
+    from .train.evaluate import main
+
+    return main(argv)
+
+
+COMMANDS = {"assets": _assets, "demo": _demo, "train-target": _train_target, "eval-target": _eval_target,
+            "generate-data": _generate, "train": _train, "evaluate": _evaluate}
 
 
 def main(argv=None) -> int:

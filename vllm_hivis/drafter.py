@@ -100,6 +100,7 @@ class HiViSDrafterForCausalLM(nn.Module, SupportsEagle):
         self.step_bias = nn.Parameter(torch.zeros(steps, config.hidden_size, dtype=vllm_config.model_config.dtype),
                                       requires_grad=False) if steps else None
         self._draft_step = 0
+        self.uses_target_features = bool(spec.get("uses_target_features", True))
 
     def begin_proposal(self) -> None:
         """Called by the proposer before each propose(): the next forward is draft step 0."""
@@ -119,7 +120,9 @@ class HiViSDrafterForCausalLM(nn.Module, SupportsEagle):
             raise ValueError("the hivis drafter reads text token ids only; it never takes image embeddings")
         k = self._draft_step
         self._draft_step += 1
-        if k > 0 and self.step_bias is not None:
+        if not self.uses_target_features:  # a text-only drafter (baseline): no feature input
+            hidden_states = torch.zeros_like(hidden_states)
+        elif k > 0 and self.step_bias is not None:
             hidden_states = hidden_states + self.step_bias[min(k, self.step_bias.shape[0]) - 1]
         return self.model(input_ids, positions, hidden_states)
 

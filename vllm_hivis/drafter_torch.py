@@ -40,6 +40,8 @@ class HiViSDrafter(nn.Module):
         steps: torch.Tensor | int,  # [...] or scalar: draft step of each row (0 = verified row)
     ) -> torch.Tensor:
         """f_in = f + b_k for draft step k >= 1 (v2 bias-correction residual), f at step 0."""
+        if not self.spec.uses_target_features:
+            return torch.zeros_like(features)
         if self.step_bias is None:
             return features
         table = torch.cat([self.step_bias.new_zeros(1, self.step_bias.shape[1]), self.step_bias])
@@ -52,7 +54,8 @@ class HiViSDrafter(nn.Module):
         features: torch.Tensor,  # [B, T, H] input features (before the step bias)
         positions: torch.Tensor,  # [B, T] drafter positions
         steps: torch.Tensor | int = 0,  # [B, T] or scalar draft step per row
-        mask: torch.Tensor | None = None,  # [B, 1, T, T] bool, True = may attend; None = causal
+        mask: torch.Tensor | None = None,  # [B, 1, T, T_kv] bool, True = may attend; None = causal
+        cache=None,  # transformers Cache: earlier keys/values (unrolled training, offline drafting)
     ) -> torch.Tensor:  # [B, T, H] output features (feed to the target LM head for logits)
         assert embeds.shape == features.shape and embeds.shape[:2] == positions.shape
         h = self.fc(torch.cat([embeds, self.input_features(features, steps)], dim=-1))
@@ -60,7 +63,8 @@ class HiViSDrafter(nn.Module):
         if mask is None:
             T = h.shape[1]
             mask = torch.ones(T, T, dtype=torch.bool, device=h.device).tril()[None, None].expand(h.shape[0], 1, T, T)
-        return self.layers[0](h, attention_mask=mask, position_ids=positions, position_embeddings=pos_emb)
+        return self.layers[0](h, attention_mask=mask, position_ids=positions, position_embeddings=pos_emb,
+                              past_key_values=cache, use_cache=cache is not None)
 
     # -- checkpoint I/O (format: checkpoint.py) ------------------------------------------------
     @classmethod

@@ -20,7 +20,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-CPU_DEFAULTS = ["--dtype", "float32", "--max-model-len", "512", "--enforce-eager",
+CPU_DEFAULTS = ["--dtype", "float32", "--max-model-len", "512", "--enforce-eager", "--gpu-memory-utilization", "0.25",
                 "--limit-mm-per-prompt", '{"image": 2}']
 
 

@@ -1,0 +1,186 @@
+"""Target-generated drafter training data: prompts, the target's answers, its hidden states.
+
+A record is one (prompt, answer) pair:
+    input_ids     [L] int32   the target's full sequence: prompt (image placeholders expanded) + answer
+    hidden        [L, H] fp16 the target's last-layer hidden states after the final norm: exactly the
+                              tensor vLLM hands the proposer (a parity test checks this)
+    image_embeds  [N, H] fp16 the projected image features at the N placeholder rows (for drafters
+                              that see images: the EAGLE and ViSpec-style baselines)
+    prompt_len    int         answer tokens start here
+    spans         [S, 2]      image placeholder spans (offset, length) in the prompt
+Answers come from vLLM (greedy and/or sampled); hidden states from a transformers forward pass of
+the same target on prompt + answer (teacher forcing).
+
+Records are stored in shards (``shard-00000.safetensors``: records concatenated, with offset
+tables) plus ``manifest.json``; a shard file appears atomically when complete, so generation
+resumes by skipping shards that exist.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+HIDDEN_CONVENTION = "last-layer hidden state after the final norm, at every target position"
+
+
+class DataError(ValueError):
+    """Bad training data or data source (message says what and what is expected)."""
+
+
+@dataclasses.dataclass
+class PromptItem:
+    id: str
+    question: str
+    image: object | None = None  # PIL image, a path, or None for a text-only prompt
+    kind: str = "custom"
+
+
+def tinyworld_prompts(split: str, start: int, count: int, image_size: int, kind: str = "mix") -> list[PromptItem]:
+    from ..tinyworld.dataset import sample
+
+    out = []
+    for i in range(start, start + count):
+        s = sample(split, i, image_size, kind=kind)
+        out.append(PromptItem(id=f"{split}-{i}", question=s.qa.question, image=s.image, kind=s.qa.kind))
+    return out
+
+
+def jsonl_prompts(path: str | os.PathLike) -> list[PromptItem]:
+    """``{"image": "<path or null>", "prompt": "<question>", "id": optional}`` per line."""
+    items = []
+    base = Path(path).parent
+    for n, line in enumerate(Path(path).read_text().splitlines()):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            q = row["prompt"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise DataError(f"{path}:{n + 1}: expected a JSON object with 'prompt' (and optionally 'image', "
+                            f"'id'), got {line[:80]!r}") from None
+        img = row.get("image")
+        if img is not None:
+            img = Path(img) if Path(img).is_absolute() else base / img
+            if not img.is_file():
+                raise DataError(f"{path}:{n + 1}: image {str(img)!r} not found")
+        items.append(PromptItem(id=str(row.get("id", n)), question=q, image=img))
+    if not items:
+        raise DataError(f"{path} holds no prompts")
+    return items
+
+
+def image_spans(prompt_ids: list[int], image_token_id: int) -> np.ndarray:
+    """[S, 2] runs of the image placeholder id in a prompt (LLaVA's placeholders are exactly these
+    runs; the proposer reads the same spans from vLLM's multimodal placeholder ranges)."""
+    ids = np.asarray(prompt_ids)
+    is_img = np.concatenate([[False], ids == image_token_id, [False]])
+    edges = np.flatnonzero(is_img[1:] != is_img[:-1])
+    starts, ends = edges[0::2], edges[1::2]
+    return np.stack([starts, ends - starts], axis=1).astype(np.int64) if len(starts) else np.zeros((0, 2), np.int64)
+
+
+def tokenizer_fingerprint(model_dir: str | os.PathLike) -> str:
+    """Hash of the target's tokenizer files: data, drafter and target must agree on it."""
+    h = hashlib.sha256()
+    for name in ("tokenizer.json", "tokenizer.model", "vocab.json", "merges.txt"):
+        p = Path(model_dir) / name
+        if p.is_file():
+            h.update(p.read_bytes())
+    return h.hexdigest()[:16]
+
+
+# -- shard storage --------------------------------------------------------------------------
+def write_shard(path: Path, records: list[dict]) -> int:
+    """Write records atomically; returns bytes written. Raises DataError on a full disk."""
+    if not records:
+        raise DataError(f"refusing to write empty shard {path}")
+    cat = lambda k, dt: torch.cat([torch.as_tensor(r[k]).to(dt) for r in records])  # noqa: E731
+    lens = torch.tensor([len(r["input_ids"]) for r in records], dtype=torch.int64)
+    n_img = torch.tensor([len(r["image_embeds"]) for r in records], dtype=torch.int64)
+    n_spans = torch.tensor([len(r["spans"]) for r in records], dtype=torch.int64)
+    H = records[0]["hidden"].shape[1]
+    tensors = {
+        "input_ids": cat("input_ids", torch.int32), "hidden": cat("hidden", torch.float16),
+        "image_embeds": torch.cat([torch.as_tensor(r["image_embeds"]).reshape(-1, H).to(torch.float16)
+                                   for r in records]),
+        "spans": torch.cat([torch.as_tensor(r["spans"]).reshape(-1, 2).to(torch.int64) for r in records]),
+        "lengths": lens, "image_rows": n_img, "num_spans": n_spans,
+        "prompt_len": torch.tensor([r["prompt_len"] for r in records], dtype=torch.int64),
+    }
+    meta = {"ids": json.dumps([r["id"] for r in records]), "kinds": json.dumps([r.get("kind", "") for r in records]),
+            "modes": json.dumps([r.get("mode", "") for r in records])}
+    tmp = path.with_suffix(".tmp")
+    try:
+        save_file(tensors, str(tmp), metadata=meta)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        if e.errno == errno.ENOSPC:
+            raise DataError(f"disk full while writing {path}; free space on {path.parent} or pass another --out") from None
+        raise
+    return path.stat().st_size
+
+
+def read_shard(path: str | os.PathLike) -> list[dict]:
+    from safetensors import safe_open
+
+    t = load_file(str(path))
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    ids, kinds, modes = (json.loads(meta[k]) for k in ("ids", "kinds", "modes"))
+    split = lambda x, n: torch.split(x, n.tolist())  # noqa: E731
+    return [dict(id=i, kind=k, mode=m, input_ids=a, hidden=h, image_embeds=e, spans=s.numpy(), prompt_len=int(p))
+            for i, k, m, a, h, e, s, p in zip(ids, kinds, modes, split(t["input_ids"], t["lengths"]),
+                                              split(t["hidden"], t["lengths"]), split(t["image_embeds"], t["image_rows"]),
+                                              split(t["spans"], t["num_spans"]), t["prompt_len"])]
+
+
+@dataclasses.dataclass
+class Manifest:
+    target: str
+    tokenizer: str
+    hidden_size: int
+    vocab_size: int
+    image_token_id: int
+    convention: str = HIDDEN_CONVENTION
+    source: dict = dataclasses.field(default_factory=dict)
+    responses: list = dataclasses.field(default_factory=list)
+    shards: list = dataclasses.field(default_factory=list)  # [{"file", "samples", "bytes"}]
+
+    def save(self, out_dir: Path) -> None:
+        tmp = out_dir / "manifest.json.tmp"
+        tmp.write_text(json.dumps(dataclasses.asdict(self), indent=2) + "\n")
+        os.replace(tmp, out_dir / "manifest.json")
+
+    @classmethod
+    def load(cls, data_dir: str | os.PathLike) -> Manifest:
+        p = Path(data_dir) / "manifest.json"
+        if not p.is_file():
+            raise DataError(f"{data_dir} is not a drafter dataset (no manifest.json); make one with "
+                            "`vllm-hivis generate-data`")
+        return cls(**json.loads(p.read_text()))
+
+    @property
+    def num_samples(self) -> int:
+        return sum(s["samples"] for s in self.shards)
+
+
+def load_records(data_dir: str | os.PathLike, limit: int | None = None) -> tuple[Manifest, list[dict]]:
+    m = Manifest.load(data_dir)
+    recs: list[dict] = []
+    for s in m.shards:
+        recs += read_shard(Path(data_dir) / s["file"])
+        if limit is not None and len(recs) >= limit:
+            return m, recs[:limit]
+    if not recs:
+        raise DataError(f"dataset {data_dir} is empty (its manifest lists no samples); generate data first")
+    return m, recs

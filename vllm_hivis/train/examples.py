@@ -1,0 +1,101 @@
+"""Drafter training examples: what each kind of drafter sees of one target record.
+
+Rows follow vLLM's EAGLE convention: row p pairs the target feature h_p with the next token
+x_{p+1}; its targets are the token x_{p+2} and the target feature h_{p+1}. Kinds:
+
+  hivis   the rows hide.py keeps (input tokens are text only), drafter positions 0..N-1: exactly
+          what HiViSProposer feeds the drafter in vLLM (parity-tested)
+  text    the same rows and positions, but no target features (a text-only drafter)
+  eagle   every row, image rows included (their input token is the image placeholder id, as in
+          vLLM's EAGLE with a text-only head), original positions: vLLM's built-in "eagle"
+  vispec  hivis rows at original positions, plus the image compressed to `num_q - 1` adaptor rows
+          at the end of its span (ViSpec-style; see baselines.py)
+
+Loss rows: the target token x_{p+2} is an answer token. Anchor rows (where an unrolled drafting
+chain may start): p >= prompt_len - 1, i.e. the last prompt row or later.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..hide import kept_rows
+
+KINDS = ("hivis", "text", "eagle", "vispec")
+IGNORE = -100
+
+
+def make_example(rec: dict, kind: str, num_q: int = 2) -> dict:
+    ids = torch.as_tensor(rec["input_ids"]).long()  # [L]
+    hid = rec["hidden"].float()  # [L, H]
+    L, plen = len(ids), int(rec["prompt_len"])
+    spans = rec["spans"]
+    if kind not in KINDS:
+        raise ValueError(f"unknown drafter kind {kind!r}; expected one of {KINDS}")
+    rows = torch.arange(L - 1) if kind == "eagle" else torch.from_numpy(kept_rows(spans, L - 1))
+    positions = torch.arange(len(rows)) if kind in ("hivis", "text") else rows.clone()
+    tgt_pos = rows + 2
+    has_tgt = tgt_pos < L
+    ex = {
+        "input_ids": ids[rows + 1],
+        "positions": positions,
+        "features": hid[rows] if kind != "text" else torch.zeros(len(rows), hid.shape[1]),
+        "target_ids": torch.where(has_tgt, ids[tgt_pos.clamp(max=L - 1)], IGNORE),
+        "target_feats": hid[(rows + 1).clamp(max=L - 1)],
+        "loss_mask": has_tgt & (tgt_pos >= plen),
+        "anchor_ok": rows >= plen - 1,
+        "target_rows": rows,
+    }
+    if kind == "vispec":
+        ex = _with_adaptor_rows(ex, rec, num_q)
+    return ex
+
+
+def _with_adaptor_rows(ex: dict, rec: dict, num_q: int) -> dict:
+    """Insert num_q - 1 adaptor rows per image at the last positions of its span (ViSpec)."""
+    spans = rec["spans"]
+    assert len(spans) <= 1, "the ViSpec-style baseline handles one image per prompt"
+    n = len(ex["input_ids"])
+    ex["is_adaptor"] = torch.zeros(n, dtype=torch.bool)
+    ex["after_image"] = torch.zeros(n, dtype=torch.bool)
+    ex["image_embeds"] = rec["image_embeds"].float()
+    if len(spans) == 0 or num_q < 2:
+        return ex
+    off, length = (int(v) for v in spans[0])
+    k = num_q - 1
+    slots = torch.arange(off + length - k, off + length)  # target positions of the adaptor rows
+    at = int((ex["target_rows"] < slots[0]).sum())  # insert before the first later row
+    H = ex["features"].shape[1]
+    add = {"input_ids": torch.full((k,), IGNORE), "positions": slots,
+           "features": rec["hidden"][slots - 1].float(), "target_ids": torch.full((k,), IGNORE),
+           "target_feats": torch.zeros(k, H), "loss_mask": torch.zeros(k, dtype=torch.bool),
+           "anchor_ok": torch.zeros(k, dtype=torch.bool), "target_rows": slots - 1,
+           "is_adaptor": torch.ones(k, dtype=torch.bool), "after_image": torch.zeros(k, dtype=torch.bool)}
+    out = {key: torch.cat([ex[key][:at], add[key], ex[key][at:]]) for key in add}
+    out["after_image"] = out["target_rows"] >= off + length - 1
+    out["after_image"][at:at + k] = False
+    out["image_embeds"] = ex["image_embeds"]
+    return out
+
+
+def collate(examples: list[dict]) -> dict:
+    """Right-pad a list of examples to [B, N_max] (padding rows are never loss or anchor rows)."""
+    B, N = len(examples), max(len(e["input_ids"]) for e in examples)
+    out = {}
+    for key, v in examples[0].items():
+        if key == "image_embeds":
+            M = max(len(e[key]) for e in examples)
+            buf = torch.zeros(B, M, v.shape[-1])
+            for i, e in enumerate(examples):
+                buf[i, : len(e[key])] = e[key]
+            out[key] = buf
+            continue
+        fill = IGNORE if key == "target_ids" else 0
+        buf = torch.full((B, N, *v.shape[1:]), fill, dtype=v.dtype)
+        for i, e in enumerate(examples):
+            buf[i, : len(e[key])] = e[key]
+        out[key] = buf
+    out["valid"] = torch.zeros(B, N, dtype=torch.bool)
+    for i, e in enumerate(examples):
+        out["valid"][i, : len(e["input_ids"])] = True
+    return out

@@ -1,0 +1,263 @@
+"""Train a drafter on a generated dataset: in this process, or data-parallel on Ray Train.
+
+    vllm-hivis train --data DATA --target TARGET --out RUN --recipe time-aware --steps 3000
+    vllm-hivis train ... --workers 2      # Ray Train TorchTrainer, DDP (gloo on CPU, NCCL on GPUs)
+
+The run directory holds ``checkpoint.pt`` (training state; an interrupted run resumes from it),
+``log.jsonl``, ``loss.png`` and, at the end, the exported drafter in ``drafter/``: the hivis
+format (hivis and text kinds), vLLM's EAGLE format (eagle kind) or the ViSpec-style bundle.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from tqdm import tqdm
+
+from ..checkpoint import DrafterSpec
+from ..drafter_torch import HiViSDrafter
+from .baselines import ViSpecDrafter, export_eagle
+from .data import DataError, Manifest, load_records, tokenizer_fingerprint
+from .examples import collate, make_example
+from .losses import DraftLoss, Recipe
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    data: str
+    target: str
+    out: str
+    recipe: dict = dataclasses.field(default_factory=dict)
+    steps: int = 2000
+    batch_size: int = 16
+    lr: float = 1e-3
+    warmup: int = 50
+    seed: int = 0
+    workers: int = 0  # 0: this process; n >= 1: Ray Train with n workers
+    ckpt_every: int = 250
+    max_records: int | None = None
+    threads: int = 0  # torch threads per worker (0: leave torch's default)
+    stop_after: int | None = None  # stop (resumably) after this many steps of this run (tests)
+
+
+def frozen_target_parts(target_dir: str) -> tuple[torch.nn.Embedding, torch.nn.Linear, dict]:
+    """The target's token embedding and LM head (shared by every drafter, never trained)."""
+    cfg = json.loads((Path(target_dir) / "config.json").read_text())
+    files = sorted(Path(target_dir).glob("*.safetensors"))
+    want = {"language_model.model.embed_tokens.weight": None, "language_model.lm_head.weight": None}
+    for f in files:
+        with safe_open(str(f), "pt") as st:
+            for k in want:
+                if k in st.keys():
+                    want[k] = st.get_tensor(k).float()
+    if any(v is None for v in want.values()):
+        raise DataError(f"{target_dir}: could not find the LM embedding / head weights {list(want)}")
+    emb = torch.nn.Embedding.from_pretrained(want["language_model.model.embed_tokens.weight"], freeze=True)
+    head = torch.nn.Linear(emb.embedding_dim, emb.num_embeddings, bias=False)
+    head.weight = torch.nn.Parameter(want["language_model.lm_head.weight"], requires_grad=False)
+    return emb, head, cfg
+
+
+def build_model(recipe: Recipe, text_config: dict):
+    spec = DrafterSpec(hidden_size=text_config["hidden_size"], vocab_size=text_config["vocab_size"],
+                       step_bias_steps=max(0, recipe.unroll - 1) if recipe.step_bias else 0,
+                       uses_target_features=recipe.kind != "text")
+    d = HiViSDrafter.for_target(text_config, spec)
+    return ViSpecDrafter(d, recipe.num_q) if recipe.kind == "vispec" else d
+
+
+def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup))))
+
+
+def _loop(cfg_dict: dict) -> None:
+    """The training loop of one worker (rank 0 of 1 in-process, or a Ray Train worker)."""
+    cfg = TrainConfig(**cfg_dict)
+    recipe = Recipe(**cfg.recipe)
+    ray_ctx = None
+    if cfg.workers:
+        import ray.train
+
+        ray_ctx = ray.train.get_context()
+    rank, world = (ray_ctx.get_world_rank(), ray_ctx.get_world_size()) if ray_ctx else (0, 1)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    out = Path(cfg.out)
+    man, records = load_records(cfg.data, cfg.max_records)
+    if man.tokenizer != tokenizer_fingerprint(cfg.target):
+        raise DataError(f"dataset {cfg.data} was generated with another tokenizer than target {cfg.target}; "
+                        "regenerate the data with this target")
+    embed, lm_head, tcfg = frozen_target_parts(cfg.target)
+    if embed.num_embeddings != man.vocab_size or embed.embedding_dim != man.hidden_size:
+        raise DataError(f"dataset {cfg.data} is for hidden/vocab {man.hidden_size}/{man.vocab_size}, target "
+                        f"{cfg.target} has {embed.embedding_dim}/{embed.num_embeddings}")
+    examples = [make_example(r, recipe.kind, recipe.num_q) for r in records[rank::world]]
+    examples = [e for e in examples if e["loss_mask"].any()]
+    if not examples:
+        raise DataError(f"dataset {cfg.data} has no answer tokens to train on")
+    model = build_model(recipe, tcfg["text_config"])
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, betas=(0.9, 0.95),
+                            weight_decay=0.0)
+    start, ckpt = 0, out / "checkpoint.pt"
+    if ckpt.is_file():
+        st = torch.load(ckpt, weights_only=True)
+        model.load_state_dict(st["model"])
+        opt.load_state_dict(st["opt"])
+        start = st["step"]
+    loss_fn = DraftLoss(model, embed, lm_head, recipe)
+    if ray_ctx is not None:  # DDP over the Ray Train worker group (gloo on CPU, NCCL on GPUs)
+        import ray.train.torch
+
+        loss_fn = ray.train.torch.prepare_model(loss_fn, parallel_strategy_kwargs={"find_unused_parameters": True})
+    log = (out / "log.jsonl").open("a") if rank == 0 else None
+    stop = cfg.steps if cfg.stop_after is None else min(cfg.steps, start + cfg.stop_after)
+    bar = tqdm(range(start, stop), initial=start, total=cfg.steps, desc=f"train {recipe.kind}",
+               disable=rank != 0, mininterval=5)
+    t0 = time.time()
+    for step in bar:
+        rng = np.random.default_rng([cfg.seed, rank, step])  # a pure function of the step: resumable
+        batch = collate([examples[i] for i in rng.integers(0, len(examples), cfg.batch_size)])
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, cfg.steps, cfg.lr, cfg.warmup)
+        loss, stats = loss_fn(batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+        opt.step()
+        bar.set_postfix(loss=f"{float(loss):.3f}", acc0=f"{stats['acc0']:.2f}", refresh=False)
+        if log and (step + 1) % 10 == 0:
+            log.write(json.dumps({"step": step + 1, "loss": float(loss), **stats, "lr": opt.param_groups[0]["lr"],
+                                  "elapsed_s": time.time() - t0}) + "\n")
+            log.flush()
+        if rank == 0 and ((step + 1) % cfg.ckpt_every == 0 or step + 1 == stop):
+            tmp = ckpt.with_suffix(".tmp")
+            torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step + 1}, tmp)
+            os.replace(tmp, ckpt)
+        if ray_ctx is not None and (step + 1) % 50 == 0:
+            import ray.train
+
+            ray.train.report({"step": step + 1, "loss": float(loss)})
+    if rank == 0 and stop == cfg.steps:
+        export(model, recipe, cfg, out)
+        plot_losses(out / "log.jsonl", out / "loss.png", title=f"{recipe.kind} drafter: {cfg.recipe}")
+
+
+def export(model, recipe: Recipe, cfg: TrainConfig, out: Path) -> Path:
+    prov = {"command": "vllm-hivis train", "config": dataclasses.asdict(cfg), "data_manifest": cfg.data,
+            "commit": _git_commit(), "torch": torch.__version__}
+    dest = out / "drafter"
+    if recipe.kind == "vispec":
+        model.save(str(dest))
+        (dest / "provenance.json").write_text(json.dumps(prov, indent=2) + "\n")
+    elif recipe.kind == "eagle":
+        export_eagle(model, str(dest), prov)
+    else:
+        model.spec = dataclasses.replace(model.spec, target=str(cfg.target))
+        model.save_pretrained(dest, provenance=prov)
+    return dest
+
+
+def plot_losses(log_path: Path, png: Path, title: str = "") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+    if not rows:
+        return
+    fig, ax = plt.subplots(1, 2, figsize=(10, 3.5))
+    steps = [r["step"] for r in rows]
+    ax[0].plot(steps, [r["loss"] for r in rows])
+    ax[0].set_title("loss")
+    ax[0].set_xlabel("step")
+    for k in range(8):
+        if f"acc{k}" in rows[0]:
+            ax[1].plot(steps, [r[f"acc{k}"] for r in rows], label=f"step {k}")
+    ax[1].set_title("draft accuracy on reached rows")
+    ax[1].legend()
+    fig.suptitle(title, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+
+
+def _git_commit() -> str:
+    import subprocess
+
+    try:
+        return subprocess.check_output(["git", "rev-parse", "HEAD"], text=True, stderr=subprocess.DEVNULL).strip()
+    except Exception:
+        return "unknown"
+
+
+def train(cfg: TrainConfig) -> Path:
+    """Run (or resume) a training run; returns the run directory."""
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    Manifest.load(cfg.data)  # clear error for a missing dataset before anything starts
+    (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+    d = dataclasses.asdict(cfg)
+    if cfg.workers == 0:
+        _loop(d)
+        return out
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=max(2, cfg.workers), include_dashboard=False, log_to_driver=False)
+    cuda = torch.cuda.is_available()
+    trainer = TorchTrainer(
+        _loop, train_loop_config=d,
+        scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cuda, resources_per_worker={"CPU": 1}),
+        torch_config=TorchConfig(backend="nccl" if cuda else "gloo"),
+        run_config=RunConfig(storage_path=str(out.resolve() / "ray"), name="train"))
+    trainer.fit()
+    return out
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="vllm-hivis train", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--target", required=True)
+    ap.add_argument("--out", required=True, help="run directory (an existing run is resumed)")
+    ap.add_argument("--kind", default="hivis", choices=["hivis", "text", "eagle", "vispec"])
+    ap.add_argument("--recipe", default="time-aware",
+                    help="single-step | self-feedback | data-selection | seq-embed | step-bias | time-aware")
+    ap.add_argument("--unroll", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=2000)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--workers", type=int, default=0, help="Ray Train workers (0: in this process)")
+    ap.add_argument("--threads", type=int, default=0)
+    args = ap.parse_args(argv)
+    recipe = Recipe.named(args.recipe, kind=args.kind, unroll=args.unroll)
+    cfg = TrainConfig(data=args.data, target=args.target, out=args.out, recipe=dataclasses.asdict(recipe),
+                      steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                      workers=args.workers, threads=args.threads)
+    try:
+        out = train(cfg)
+    except DataError as e:
+        raise SystemExit(f"error: {e}") from None
+    print(f"{out}: drafter in {out / 'drafter'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
