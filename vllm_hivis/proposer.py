@@ -93,7 +93,7 @@ class HiViSProposer(EagleProposer):
             M = num_tokens
             self.tracer.begin(list(self.runner.input_batch.req_ids[: cad.num_reqs]), plan.req_of_row,
                               self.positions[:M].cpu().numpy() + plan.offset, self.positions[:M],
-                              self.input_ids[:M], self.hidden_states[:M])
+                              self.input_ids[:M], self.hidden_states[:M], plan.dummy[plan.req_of_row])
         return num_tokens, tis, cad
 
     def _compact(self, plan: StepPlan, tis: torch.Tensor, cad):

@@ -2,7 +2,8 @@
 
 Off unless ``VLLM_HIVIS_TRACE_DIR`` is set. Then every proposal of the first drafter pass writes
 ``<dir>/<pid>-<n>.npz`` with, per kept row: request id index, target position, drafter position,
-input token id, input feature and output feature; and the draft tokens of every request.
+input token id, input feature, output feature and whether it is a dummy row (a chunk wholly
+inside an image); and the draft tokens of every request.
 Files are written by the worker process that runs the drafter.
 """
 
@@ -28,20 +29,23 @@ class ProposalTracer:
     def enabled(self) -> bool:
         return self.dir is not None
 
-    def begin(self, req_ids: list[str], req_of_row, target_pos, drafter_pos, input_ids, features) -> None:
-        # req_of_row/target_pos/drafter_pos/input_ids: [M]; features: [M, H]
-        t = lambda x: x.detach().float().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)  # noqa: E731
+    def begin(self, req_ids: list[str], req_of_row, target_pos, drafter_pos, input_ids, features, is_dummy) -> None:
+        # req_of_row/target_pos/drafter_pos/input_ids/is_dummy: [M]; features: [M, H]
+        # copies: on the CPU .numpy() would alias the proposer's persistent buffers, which the
+        # later draft steps overwrite
+        t = lambda x: x.detach().float().cpu().numpy().copy() if isinstance(x, torch.Tensor) else np.array(x)  # noqa: E731
         self.rec = {"req_ids": np.array(req_ids), "req_of_row": t(req_of_row), "target_pos": t(target_pos),
-                    "drafter_pos": t(drafter_pos), "input_ids": t(input_ids), "features": t(features)}
+                    "drafter_pos": t(drafter_pos), "input_ids": t(input_ids), "features": t(features),
+                    "is_dummy": t(is_dummy)}
 
     def output(self, out_features: torch.Tensor) -> None:
         if self.rec is not None and "out_features" not in self.rec:
-            self.rec["out_features"] = out_features[: len(self.rec["input_ids"])].detach().float().cpu().numpy()
+            self.rec["out_features"] = out_features[: len(self.rec["input_ids"])].detach().float().cpu().numpy().copy()
 
     def end(self, draft_token_ids: torch.Tensor, sample_rows: torch.Tensor | None = None) -> None:
         if self.rec is None:
             return
-        self.rec["draft_token_ids"] = draft_token_ids.detach().cpu().numpy()
+        self.rec["draft_token_ids"] = draft_token_ids.detach().cpu().numpy().copy()
         if sample_rows is not None:
             self.rec["sample_rows"] = sample_rows.detach().cpu().numpy()
         self.dir.mkdir(parents=True, exist_ok=True)

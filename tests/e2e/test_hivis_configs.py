@@ -1,0 +1,60 @@
+"""Lossless greedy decoding under every engine configuration that changes the drafter's windows:
+batch 1, chunked prefill with chunks ending inside images, forced preemption (tiny KV cache), the
+unpadded drafter batch. Engines run in-process, one at a time."""
+
+import json
+
+import pytest
+
+from vllm_hivis import assets
+from vllm_hivis.acceptance import from_llm_metrics
+
+from .helpers import engine, hivis_spec, prompt_set, token_ids
+
+pytestmark = pytest.mark.e2e
+MAX_TOKENS = 64
+
+
+@pytest.fixture(scope="module")
+def greedy():
+    from vllm import SamplingParams
+
+    return SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS)
+
+
+@pytest.fixture(scope="module")
+def reference(greedy):
+    with engine() as llm:
+        return token_ids(llm.generate(prompt_set(), greedy, use_tqdm=False))
+
+
+@pytest.mark.parametrize("config", [
+    dict(max_num_seqs=1),  # batch 1
+    dict(max_num_batched_tokens=16, enable_chunked_prefill=True),  # chunks end inside images
+    dict(num_gpu_blocks_override=5, max_num_seqs=8),  # forced preemption (tiny KV cache)
+    dict(max_num_batched_tokens=40, enable_chunked_prefill=True,
+         speculative_config=hivis_spec(k=5, disable_padded_drafter_batch=True)),
+])
+def test_lossless_configs(reference, greedy, config):
+    spec = config.pop("speculative_config", hivis_spec(k=4))
+    with engine(speculative_config=spec, **config) as llm:
+        out = token_ids(llm.generate(prompt_set(), greedy, use_tqdm=False))
+        acc = from_llm_metrics(llm.get_metrics())
+    assert out == reference
+    assert acc.num_accepted > 0
+    if "num_gpu_blocks_override" in config:
+        # preemption recomputes prompts: the target prefilled more than the prompts hold
+        assert acc.target_prefill_tokens > sum(len_prompt_tokens(p) for p in prompt_set())
+
+
+def len_prompt_tokens(p):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(assets.tiny_target())
+    n_img = json.load(open(f"{assets.tiny_target()}/config.json"))["image_seq_length"]
+    imgs = p.get("multi_modal_data", {}).get("image", [])
+    n = len(imgs) if isinstance(imgs, list) else 1
+    n = n if "multi_modal_data" in p else 0
+    return len(tok(p["prompt"], add_special_tokens=False)["input_ids"]) + n * (n_img - 1)
+
+

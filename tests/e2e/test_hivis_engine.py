@@ -1,0 +1,131 @@
+"""hivis inside stock vLLM (V1 runner, CPU): lossless, text-only prefill, acceptance, sampling.
+
+One reference engine (no speculative decoding) and one hivis engine are shared by the module;
+they run in their own processes (vLLM's default): in-process engines share this process's
+distributed state, so only one may live at a time (test_hivis_configs.py runs those). No other
+engine is created here: a new engine re-registers vLLM's Prometheus metrics, after which an older
+engine's counters no longer reach `get_metrics()`.
+"""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from vllm_hivis import assets
+from vllm_hivis.acceptance import from_llm_metrics
+from vllm_hivis.tinyworld.dataset import sample
+
+from .helpers import engine, hivis_spec, image_size, prompt_set, text_prompt, token_ids
+
+pytestmark = pytest.mark.e2e
+MAX_TOKENS = 64
+
+
+@pytest.fixture(scope="module")
+def greedy():
+    from vllm import SamplingParams
+
+    return SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS)
+
+
+@pytest.fixture(scope="module")
+def reference(greedy):
+    """No-spec greedy outputs of the prompt set (and the engine for the sampling test)."""
+    with engine(in_process=False) as llm:
+        yield llm, token_ids(llm.generate(prompt_set(), greedy, use_tqdm=False))
+
+
+@pytest.fixture(scope="module")
+def hivis():
+    with engine(in_process=False, speculative_config=hivis_spec(k=3), max_num_seqs=8) as llm:
+        yield llm
+
+
+def test_lossless_batch8(reference, hivis, greedy):
+    out = token_ids(hivis.generate(prompt_set(), greedy, use_tqdm=False))
+    assert out == reference[1]  # every prompt, token for token
+    acc = from_llm_metrics(hivis.get_metrics())
+    assert acc.num_accepted > 0 and acc.num_drafts > 0  # drafts were really accepted and rejected
+    assert acc.num_accepted < acc.num_draft_tokens
+
+
+def test_drafter_prefill_is_the_text_tokens(hivis, greedy):
+    """Per request: drafter prefill rows == prompt tokens that are not image placeholders."""
+    n_img = json.load(open(f"{assets.tiny_target()}/config.json"))["image_seq_length"]
+    for p in prompt_set()[-3:] + prompt_set()[:1]:
+        before = from_llm_metrics(hivis.get_metrics())
+        out = hivis.generate([p], greedy, use_tqdm=False)[0]
+        d = from_llm_metrics(hivis.get_metrics()).minus(before)
+        n_images = out.prompt_token_ids.count(json.load(open(f"{assets.tiny_target()}/config.json"))["image_token_index"]) // n_img
+        text_tokens = len(out.prompt_token_ids) - n_images * n_img
+        assert d.target_prefill_tokens == len(out.prompt_token_ids)
+        assert d.drafter_prefill_tokens == text_tokens, p["prompt"]
+
+
+def test_acceptance_on_held_out_scenes(hivis, greedy):
+    from vllm import SamplingParams
+
+    size = image_size()
+    prompts = [{"prompt": text_prompt(s.qa.question), "multi_modal_data": {"image": s.image}}
+               for s in (sample("test", 1000 + i, size, kind="describe") for i in range(20))]
+    before = from_llm_metrics(hivis.get_metrics())
+    hivis.generate(prompts, SamplingParams(temperature=0.0, max_tokens=160), use_tqdm=False)
+    acc = from_llm_metrics(hivis.get_metrics()).minus(before)
+    print(f"\nheld-out acceptance (k=3): {acc.accepted_per_draft:.2f} accepted drafts/step (excl. bonus), "
+          f"{acc.tokens_per_step:.2f} tokens/step (incl. bonus), per position {acc.per_position}")
+    assert acc.accepted_per_draft > 1.0
+
+
+def test_sampling_distribution_matches_target(reference, hivis):
+    """T=1: the first 8 generated tokens follow the same distribution with and without hivis.
+    The prompt's answer ("There is one shape.</s>") is near-certain, and generation continues past
+    EOS (ignore_eos) into tokens where the target is uncertain, so drafts are both accepted and
+    rejected (recovered tokens). Chi-square goodness of fit of both runs against the exact
+    probabilities of the target (teacher forcing in transformers)."""
+    from scipy.stats import chisquare
+    from vllm import SamplingParams
+
+    from vllm_hivis.tinyworld.scenes import blank_image
+
+    n = 1500
+    p = {"prompt": text_prompt("How many shapes are there?"),
+         "multi_modal_data": {"image": blank_image(image_size())}}
+    runs = {}
+    for name, llm in (("no-spec", reference[0]), ("hivis", hivis)):
+        sp = [SamplingParams(temperature=1.0, max_tokens=8, ignore_eos=True, seed=i) for i in range(n)]
+        runs[name] = [tuple(o.outputs[0].token_ids) for o in llm.generate([p] * n, sp, use_tqdm=False)]
+    image_id = json.load(open(f"{assets.tiny_target()}/config.json"))["image_token_index"]
+    # (a sampled image-token id cannot be teacher-forced in transformers: such rare prefixes go
+    # to the "other" bin, whose expected count is the remaining probability mass)
+    probs = exact_prefix_probs(p, {s for r in runs.values() for s in r if image_id not in s})
+    assert sum(probs.values()) > 0.95  # the observed prefixes carry nearly all the mass
+    common = [k for k, v in sorted(probs.items(), key=lambda kv: -kv[1]) if v * n >= 10]
+    assert len(common) >= 4, "the test needs an uncertain prompt"
+    for name, samples in runs.items():
+        obs = [sum(s == k for s in samples) for k in common]
+        obs.append(n - sum(obs))
+        exp = [probs[k] * n for k in common]
+        exp.append(n - sum(exp))
+        stat, pval = chisquare(obs, exp)
+        print(f"\n{name}: chi2={stat:.1f} p={pval:.3f} over {len(common)} prefixes")
+        assert pval > 1e-3, (name, obs, exp)
+
+
+def exact_prefix_probs(p, prefixes):
+    """P(prefix) under the target at T=1, by teacher forcing in transformers."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    target = LlavaForConditionalGeneration.from_pretrained(assets.tiny_target(), dtype=torch.float32).eval()
+    proc = AutoProcessor.from_pretrained(assets.tiny_target())
+    enc = proc(images=p["multi_modal_data"]["image"], text=p["prompt"], return_tensors="pt",
+               add_special_tokens=False)
+    L = enc["input_ids"].shape[1]
+    out = {}
+    with torch.no_grad():
+        for pre in prefixes:
+            ids = torch.cat([enc["input_ids"], torch.tensor([pre])], 1)
+            logp = target(input_ids=ids, pixel_values=enc["pixel_values"]).logits[0].log_softmax(-1)
+            out[pre] = float(np.exp(sum(float(logp[L - 1 + i, t]) for i, t in enumerate(pre))))
+    return out

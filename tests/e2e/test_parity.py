@@ -1,0 +1,120 @@
+"""Training and serving agree exactly: same drop rule, positions, hidden-state convention, and
+the same drafter function; and the offline evaluator counts acceptance exactly like vLLM."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from vllm_hivis import assets
+from vllm_hivis.acceptance import from_llm_metrics
+from vllm_hivis.drafter_torch import HiViSDrafter
+from vllm_hivis.hide import is_dropped
+from vllm_hivis.trace import load_traces
+from vllm_hivis.train.data import PromptItem, image_spans
+from vllm_hivis.train.evaluate import Target, evaluate
+from vllm_hivis.train.examples import make_example
+from vllm_hivis.train.trainer import frozen_target_parts
+from vllm_hivis.tinyworld.dataset import sample
+
+from .helpers import engine, hivis_spec, image_size, text_prompt
+
+pytestmark = pytest.mark.e2e
+K = 3
+
+
+def items():
+    size = image_size()
+    out = [PromptItem(f"d{i}", s.qa.question, s.image) for i, s in
+           enumerate(sample("test", 300 + i, size, kind="describe") for i in range(3))]
+    s = sample("test", 310, size, kind="where")
+    out.append(PromptItem("q", s.qa.question, s.image))
+    out.append(PromptItem("t", "How many shapes are there?", None))
+    return out
+
+
+def vllm_prompt(it):
+    p = {"prompt": text_prompt(it.question, n_images=0 if it.image is None else 1)}
+    if it.image is not None:
+        p["multi_modal_data"] = {"image": it.image}
+    return p
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """Greedy hivis run with the drafter trace on; small chunks so windows end inside images."""
+    from vllm import SamplingParams
+
+    trace = tmp_path_factory.mktemp("trace")
+    with engine(speculative_config=hivis_spec(k=K), max_num_batched_tokens=32, enable_chunked_prefill=True,
+                env={"VLLM_HIVIS_TRACE_DIR": str(trace)}) as llm:
+        outs = llm.generate([vllm_prompt(it) for it in items()], SamplingParams(temperature=0.0, max_tokens=160),
+                            use_tqdm=False)
+        acc = from_llm_metrics(llm.get_metrics())
+    return outs, acc, load_traces(trace)
+
+
+def traced_rows(traces, request_id):
+    """All first-pass rows vLLM's drafter ran for one request: a dict per field. (The engine's
+    internal request ids are the user's id plus a random suffix: '0' -> '0-960f2ecb'.)"""
+    rows = {k: [] for k in ("target_pos", "drafter_pos", "input_ids", "features", "out_features", "is_dummy")}
+    for t in traces:
+        ids = [str(r).rsplit("-", 1)[0] for r in t["req_ids"]]
+        if request_id not in ids:
+            continue
+        sel = t["req_of_row"] == ids.index(request_id)
+        for k in rows:
+            rows[k].append(t[k][sel])
+    return {k: np.concatenate(v) for k, v in rows.items()}
+
+
+def test_training_examples_equal_what_the_drafter_saw(served):
+    outs, _, traces = served
+    target = Target(assets.tiny_target())
+    drafter = HiViSDrafter.from_pretrained(assets.tiny_drafter()).eval()
+    embed, lm_head, _ = frozen_target_parts(assets.tiny_target())
+    checked = 0
+    for it, o in zip(items(), outs):
+        ids = torch.tensor(list(o.prompt_token_ids) + list(o.outputs[0].token_ids))
+        prompt, pixels = target.encode(it)
+        assert ids[: len(prompt)].tolist() == prompt.tolist()  # vLLM and training tokenise alike
+        from transformers import DynamicCache
+
+        hidden, _, _ = target.forward(ids, DynamicCache(), pixels)
+        spans = image_spans(prompt.tolist(), target.image_token_id)
+        rec = {"input_ids": ids, "hidden": hidden, "prompt_len": len(prompt), "spans": spans,
+               "image_embeds": torch.zeros(0, hidden.shape[1])}
+        ex = make_example(rec, "hivis")  # what training feeds the drafter for this sequence
+        tr = traced_rows(traces, o.request_id)
+        real = ~tr["is_dummy"].astype(bool)
+        # the drafter never ran on a dropped row (an image placeholder as input)
+        assert not is_dropped(spans, tr["target_pos"][real].astype(np.int64)).any()
+        by_pos = {}
+        for j in np.flatnonzero(real):
+            p = int(tr["target_pos"][j])
+            if p < len(ids) - 1 and int(tr["input_ids"][j]) == int(ids[p + 1]):
+                by_pos[p] = j  # the last time vLLM ran row p with its verified token
+        rows = ex["target_rows"].tolist()
+        assert set(by_pos) == set(rows)  # the same rows ...
+        sel = [by_pos[p] for p in rows]
+        assert tr["drafter_pos"][sel].tolist() == ex["positions"].tolist()  # ... at the same positions
+        assert tr["input_ids"][sel].tolist() == ex["input_ids"].tolist()
+        np.testing.assert_allclose(tr["features"][sel], ex["features"].numpy(), atol=2e-4, rtol=1e-3)
+        with torch.no_grad():  # the torch twin reproduces vLLM's drafter outputs (hence logits)
+            out = drafter(embed(ex["input_ids"])[None], ex["features"][None], ex["positions"][None])[0]
+        np.testing.assert_allclose(tr["out_features"][sel], out.numpy(), atol=2e-3, rtol=1e-3)
+        assert torch.equal(lm_head(torch.from_numpy(tr["out_features"][sel])).argmax(-1), lm_head(out).argmax(-1))
+        checked += len(rows)
+    assert checked > 150  # every kept row of 5 requests (prompt and answer)
+
+
+def test_offline_evaluator_counts_like_vllm(served):
+    outs, acc_vllm, _ = served
+    acc_off, gen = evaluate(assets.tiny_target(), assets.tiny_drafter(), items(), k=K, max_tokens=160,
+                            progress=False)
+    assert gen == [list(o.outputs[0].token_ids) for o in outs]
+    assert (acc_off.num_drafts, acc_off.num_draft_tokens, acc_off.num_accepted) == \
+        (acc_vllm.num_drafts, acc_vllm.num_draft_tokens, acc_vllm.num_accepted)
+    assert acc_off.per_position_counts == acc_vllm.per_position_counts
+    print(f"\nvLLM and offline replay agree: {json.dumps(acc_off.summary())}")

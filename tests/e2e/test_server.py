@@ -1,0 +1,83 @@
+"""`vllm serve` + the OpenAI client: stock vLLM serves the tiny target, and hivis serves it
+losslessly, streaming included; bad input gets a clear error and the server keeps serving."""
+
+import concurrent.futures
+import json
+import subprocess
+
+import openai
+import pytest
+import urllib.request
+
+from vllm_hivis import assets
+from vllm_hivis.acceptance import from_prometheus_text
+from vllm_hivis.demo import chat, image_data_url
+from vllm_hivis.serving import CPU_DEFAULTS, VLLMServer, vllm_executable
+from vllm_hivis.tinyworld.dataset import sample
+from vllm_hivis.tinyworld.prompts import grade_description
+
+from .helpers import image_size, hivis_spec
+
+pytestmark = pytest.mark.e2e
+
+
+def scenes(n=3):
+    return [sample("test", 500 + i, image_size(), kind="describe") for i in range(n)]
+
+
+def ask_all(url):
+    """Non-streamed and streamed answers to a few image requests."""
+    client = openai.OpenAI(base_url=url + "/v1", api_key="unused")
+    model = client.models.list().data[0].id
+    answers, streamed = [], []
+    for s in scenes():
+        answers.append(chat(client, model, s.image, s.qa.question).choices[0].message.content)
+        parts = [c.choices[0].delta.content for c in chat(client, model, s.image, s.qa.question, stream=True)
+                 if c.choices and c.choices[0].delta.content]
+        assert len(parts) > 5  # really streamed, token by token
+        streamed.append("".join(parts))
+    return client, model, answers, streamed
+
+
+@pytest.fixture(scope="module")
+def stock_answers():
+    with VLLMServer(assets.tiny_target()) as srv:
+        _, _, answers, streamed = ask_all(srv.url)
+    return answers, streamed
+
+
+def test_stock_vllm_serves_the_tiny_target(stock_answers):
+    answers, streamed = stock_answers
+    assert answers == streamed
+    for s, a in zip(scenes(), answers):
+        graded = grade_description(s.scene, a)
+        assert graded["count"] == [True] and graded["background"] == [True], a
+
+
+def test_hivis_server(stock_answers):
+    spec = json.dumps(hivis_spec(k=5))
+    with VLLMServer(assets.tiny_target(), ["--speculative-config", spec]) as srv:
+        client, model, answers, streamed = ask_all(srv.url)
+        assert answers == stock_answers[0] and streamed == stock_answers[1]  # lossless online
+        # concurrent requests, one of them invalid: a clear 400, the others are served
+        bad = {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}},
+                                           {"type": "text", "text": "Describe the image in detail."}]}
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            good = [pool.submit(lambda s=s: chat(client, model, s.image, s.qa.question)) for s in scenes()]
+            with pytest.raises(openai.BadRequestError):
+                client.chat.completions.create(model=model, messages=[bad], max_tokens=8)
+            assert [f.result().choices[0].message.content for f in good] == stock_answers[0]
+        with urllib.request.urlopen(srv.url + "/health", timeout=5) as r:
+            assert r.status == 200
+        acc = from_prometheus_text(srv.metrics())
+        assert acc.num_drafts > 0 and acc.accepted_per_draft > 1.0
+        assert 0 < acc.prefill_ratio < 0.5  # the drafter prefilled the text tokens only
+        assert "vllm:spec_decode_num_accepted_tokens_per_pos_total" in srv.metrics()
+
+
+def test_vllm_serve_rejects_a_bad_hivis_config(tmp_path):
+    cmd = [vllm_executable(), "serve", assets.tiny_target(), *CPU_DEFAULTS, "--speculative-config",
+           json.dumps({"method": "hivis", "model": str(tmp_path / "missing"), "num_speculative_tokens": 3})]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0
+    assert "hivis drafter directory" in r.stdout + r.stderr and "does not exist" in r.stdout + r.stderr
