@@ -11,66 +11,40 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import sys
 
+# command -> module whose main(argv) runs it (imported lazily: `vllm-hivis assets` stays instant)
+COMMANDS = {
+    "demo": "vllm_hivis.demo",
+    "train-target": "vllm_hivis.tinyworld.train_target",
+    "eval-target": "vllm_hivis.tinyworld.evaluate",
+    "generate-data": "vllm_hivis.train.generate",
+    "train": "vllm_hivis.train.trainer",
+    "evaluate": "vllm_hivis.train.evaluate",
+}
 
-def _assets(argv):
+
+def _assets() -> int:
     from . import assets
 
     print(json.dumps(assets.all_assets(), indent=2))
     return 0
 
 
-def _demo(argv):
-    from .demo import main
-
-    return main(argv)
-
-
-def _train_target(argv):
-    from .tinyworld.train_target import main
-
-    return main(argv)
-
-
-def _eval_target(argv):
-    from .tinyworld.evaluate import main
-
-    return main(argv)
-
-
-def _generate(argv):
-    from .train.generate import main
-
-    return main(argv)
-
-
-def _train(argv):
-    from .train.trainer import main
-
-    return main(argv)
-
-
-def _evaluate(argv):
-    from .train.evaluate import main
-
-    return main(argv)
-
-
-COMMANDS = {"assets": _assets, "demo": _demo, "train-target": _train_target, "eval-target": _eval_target,
-            "generate-data": _generate, "train": _train, "evaluate": _evaluate}
-
-
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+    if not argv or argv[0] in ("-h", "--help"):
         print(__doc__.strip())
-        if argv and argv[0] not in ("-h", "--help"):
-            print(f"\nunknown command {argv[0]!r}; expected one of {sorted(COMMANDS)}", file=sys.stderr)
-            return 2
         return 0
-    return COMMANDS[argv[0]](argv[1:]) or 0
+    if argv[0] == "assets":
+        return _assets()
+    if argv[0] not in COMMANDS:
+        print(__doc__.strip())
+        print(f"\nunknown command {argv[0]!r}; expected one of {['assets', *COMMANDS]}", file=sys.stderr)
+        return 2
+    return importlib.import_module(COMMANDS[argv[0]]).main(argv[1:]) or 0
 
 
 if __name__ == "__main__":

@@ -113,11 +113,12 @@ def rewrite_engine_args(args) -> DrafterSpec | None:
     elif args.enable_prefix_caching:
         logger.warning("hivis: prefix caching is on; requests sharing cached image prefixes can overwrite "
                        "each other's drafter context (outputs stay exact, acceptance may drop)")
-    v2 = os.environ.get("VLLM_USE_V2_MODEL_RUNNER")
-    if v2 not in (None, "0"):
-        raise HiViSConfigError("hivis runs on vLLM's V1 model runner in this release; unset "
-                               "VLLM_USE_V2_MODEL_RUNNER or set it to 0")
-    os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+    if os.environ.get("VLLM_USE_V2_MODEL_RUNNER", "0") == "0":
+        os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"  # the validated path (CPU build, and GPUs)
+    else:
+        logger.warning("hivis: VLLM_USE_V2_MODEL_RUNNER=%s selects the experimental V2 speculator, which has "
+                       "not been run on a GPU yet (vllm_hivis/speculator_v2.py); unset it for the V1 runner",
+                       os.environ["VLLM_USE_V2_MODEL_RUNNER"])
     from .metrics import ensure_frontend_collector
 
     ensure_frontend_collector()

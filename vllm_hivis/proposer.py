@@ -74,7 +74,6 @@ class HiViSProposer(EagleProposer):
             if plan.target_prompt_rows[i]:
                 self.prefill_counters.add(r, int(plan.drafter_prompt_rows[i]), int(plan.target_prompt_rows[i]),
                                           prompt_done=bool(ends[i] >= prompt_lens[i]))
-        self.prefill_counters.forget(req_ids)
         return plan
 
     def set_inputs_first_pass(self, target_token_ids, next_token_ids, target_positions, target_hidden_states,
@@ -137,7 +136,7 @@ class HiViSProposer(EagleProposer):
 
     # -- upstream fix ----------------------------------------------------------------------
     def prepare_next_token_ids_padded(self, sampled_token_ids, requests, gpu_input_batch, discard_request_mask):
-        """vLLM 0.32's version with one fix (copied from llm_base_proposer.py, 
+        """vLLM 0.32's version with one fix (copied from llm_base_proposer.py,
         `SpecDecodeBaseProposer.prepare_next_token_ids_padded`).
 
         For a discarded request (a partial prefill), the drafter's next token must be the token

@@ -20,14 +20,6 @@ from vllm_hivis.tinyworld.dataset import sample
 from .helpers import engine, hivis_spec, image_size, prompt_set, text_prompt, token_ids
 
 pytestmark = pytest.mark.e2e
-MAX_TOKENS = 64
-
-
-@pytest.fixture(scope="module")
-def greedy():
-    from vllm import SamplingParams
-
-    return SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS)
 
 
 @pytest.fixture(scope="module")

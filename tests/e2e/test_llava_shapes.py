@@ -82,8 +82,9 @@ def test_hivis_at_llava_1_5_7b_shapes(shapes):
     assert ref[0].prompt_token_ids.count(32000) == 576
     spec = {"method": "hivis", "model": drafter, "num_speculative_tokens": 3}
     with engine(speculative_config=spec, max_num_batched_tokens=256, **kw) as llm:
+        before = from_llm_metrics(llm.get_metrics())  # the prefill counters are per process: deltas
         out = llm.generate(prompts, greedy, use_tqdm=False)
-        acc = from_llm_metrics(llm.get_metrics())
+        acc = from_llm_metrics(llm.get_metrics()).minus(before)
     assert token_ids(out) == token_ids(ref)
     text_tokens = sum(len(o.prompt_token_ids) - o.prompt_token_ids.count(32000) for o in out)
     assert acc.drafter_prefill_tokens == text_tokens  # 576 image tokens hidden, chunked at 256

@@ -76,13 +76,13 @@ def test_ray_data_generation_matches_local(ray_session, local_data, tmp_path):
 def test_ray_train_ddp(ray_session, local_data, tmp_path):
     recipe = dataclasses.asdict(Recipe.named("time-aware", unroll=2))
     cfg = TrainConfig(data=str(local_data), target=assets.tiny_target(), out=str(tmp_path / "run"), recipe=recipe,
-                      steps=8, batch_size=4, ckpt_every=4, workers=2, threads=1)
+                      steps=10, batch_size=4, ckpt_every=5, workers=2, threads=1)
     out = train(cfg)
     spec = read_spec(out / "drafter")
     assert spec.step_bias_steps == 1 and spec.hidden_size == Manifest.load(local_data).hidden_size
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-    assert log[-1]["step"] == 8 and (out / "loss.png").is_file()
-    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 8
+    assert log[-1]["step"] == 10 and (out / "loss.png").is_file()
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 10
 
 
 def test_cli_errors(tmp_path):

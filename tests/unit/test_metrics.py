@@ -1,7 +1,7 @@
 """Prefill counters (worker side), the Prometheus collector (frontend side), acceptance figures."""
 
 from vllm_hivis.acceptance import Acceptance, from_prometheus_text
-from vllm_hivis.metrics import PrefillCollector, PrefillCounters, read_totals
+from vllm_hivis.metrics import MAX_PENDING, PrefillCollector, PrefillCounters, read_totals
 
 
 def test_counters_fold_requests_when_their_prompt_is_done(tmp_path):
@@ -10,16 +10,19 @@ def test_counters_fold_requests_when_their_prompt_is_done(tmp_path):
     assert read_totals(str(tmp_path))["requests"] == 0
     c.add("a", 8, 54, prompt_done=True)  # last chunk
     c.add("b", 12, 12, prompt_done=True)  # text-only request: drafter sees every row
-    c.add("c", 3, 30, prompt_done=False)
-    c.forget(["b"])  # c left the batch (aborted) before its prompt finished: never counted
-    assert "c" not in c.pending
+    c.add("c", 3, 30, prompt_done=False)  # c's prompt is not done: not counted yet
     assert read_totals(str(tmp_path)) == {"drafter": 25, "target": 106, "requests": 2}
     other = PrefillCounters(str(tmp_path))  # a second worker process adds up
     other.add("d", 1, 10, prompt_done=True)
     assert read_totals(str(tmp_path)) == {"drafter": 26, "target": 116, "requests": 3}
+    for i in range(MAX_PENDING + 5):  # aborted mid-prompt requests do not pile up
+        other.add(f"x{i}", 1, 1, prompt_done=False)
+    assert len(other.pending) <= MAX_PENDING + 1
+    c.add("c", 4, 40, prompt_done=True)  # its last chunk, after skipping steps
+    assert read_totals(str(tmp_path)) == {"drafter": 33, "target": 186, "requests": 4}
     fams = {f.name: f.samples[0].value for f in PrefillCollector(str(tmp_path)).collect()}
-    assert fams == {"vllm:hivis_drafter_prefill_tokens": 26, "vllm:hivis_target_prefill_tokens": 116,
-                    "vllm:hivis_prefill_requests": 3}
+    assert fams == {"vllm:hivis_drafter_prefill_tokens": 33, "vllm:hivis_target_prefill_tokens": 186,
+                    "vllm:hivis_prefill_requests": 4}
 
 
 PROM = """

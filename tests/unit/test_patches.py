@@ -80,10 +80,16 @@ def test_engine_args_rewrite(tmp_path, monkeypatch):
     # plain EAGLE configs are untouched
     args = EngineArgs(model="unused", speculative_config={"method": "eagle", "model": d, "num_speculative_tokens": 1})
     assert rewrite_engine_args(args) is None and args.speculative_config["method"] == "eagle"
-    monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "1")
+    import os
+
+    assert os.environ["VLLM_USE_V2_MODEL_RUNNER"] == "0"  # hivis defaults to the validated V1 runner
+    monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "1")  # an explicit opt-in to V2 is kept
     args = EngineArgs(model="unused", speculative_config={"method": "hivis", "model": d, "num_speculative_tokens": 4})
-    with pytest.raises(HiViSConfigError, match="V1 model runner"):
-        rewrite_engine_args(args)
+    rewrite_engine_args(args)
+    assert os.environ["VLLM_USE_V2_MODEL_RUNNER"] == "1"
+    with pytest.raises(HiViSConfigError, match="integer in 1..32"):
+        rewrite_engine_args(EngineArgs(model="unused", speculative_config={"method": "hivis", "model": d,
+                                                                            "num_speculative_tokens": 0}))
 
 
 def test_cpu_rejection_sampler_is_lossless_at_temperature():

@@ -12,7 +12,7 @@ import numpy as np
 from PIL import Image
 
 from .prompts import KINDS, QA, ask
-from .scenes import Scene, render, sample_scene
+from .scenes import Scene, render_with_mask, sample_scene
 
 SPLITS = {"train": 0, "validation": 1, "test": 2}
 # Kind mix for training and for `--kind mix`: long descriptions dominate (they matter for
@@ -29,6 +29,7 @@ class Sample:
     scene: Scene
     image: Image.Image
     qa: QA
+    mask: np.ndarray  # [S, S] uint8: 1 + index of the object at each pixel (0 = background)
 
 
 def sample(split: str, index: int, image_size: int, kind: str = "mix") -> Sample:
@@ -36,9 +37,9 @@ def sample(split: str, index: int, image_size: int, kind: str = "mix") -> Sample
         raise ValueError(f"unknown split {split!r}; expected one of {sorted(SPLITS)}")
     rng = np.random.default_rng([SPLITS[split], index])
     scene = sample_scene(rng)
-    image = render(scene, image_size, rng)
+    image, mask = render_with_mask(scene, image_size, rng)
     if kind == "mix":
         kind = str(rng.choice(list(MIX), p=list(MIX.values())))
     elif kind not in KINDS:
         raise ValueError(f"unknown prompt kind {kind!r}; expected 'mix' or one of {KINDS}")
-    return Sample(split, index, scene, image, ask(scene, kind, rng))
+    return Sample(split, index, scene, image, ask(scene, kind, rng), mask)

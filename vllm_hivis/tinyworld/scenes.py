@@ -70,11 +70,17 @@ def render(scene: Scene, image_size: int, rng: np.random.Generator | None = None
 
     `rng` adds a small jitter of each object inside its cell (never crossing the cell).
     """
+    return render_with_mask(scene, image_size, rng)[0]
+
+
+def render_with_mask(scene: Scene, image_size: int, rng: np.random.Generator | None = None):
+    """(image, mask): mask [S, S] uint8 holds 1 + the index of the object drawn at each pixel."""
     assert image_size % 3 == 0, "the 3x3 grid must tile the image exactly"
     cell = image_size // 3
     img = Image.new("RGB", (image_size, image_size), BACKGROUNDS[scene.background])
-    draw = ImageDraw.Draw(img)
-    for o in scene.objects:
+    mask = Image.new("L", (image_size, image_size), 0)
+    draw, mdraw = ImageDraw.Draw(img), ImageDraw.Draw(mask)
+    for k, o in enumerate(scene.objects):
         side = SIZES[o.size] * cell
         slack = (cell - side) / 2
         jx, jy = (rng.uniform(-slack / 2, slack / 2, size=2) if rng is not None else (0.0, 0.0))
@@ -82,16 +88,16 @@ def render(scene: Scene, image_size: int, rng: np.random.Generator | None = None
         cy = (o.cell // 3 + 0.5) * cell + jy
         h = side / 2
         box = (cx - h, cy - h, cx + h, cy + h)
-        fill = COLOURS[o.colour]
-        if o.shape == "circle":
-            draw.ellipse(box, fill=fill)
-        elif o.shape == "square":
-            draw.rectangle(box, fill=fill)
-        elif o.shape == "triangle":
-            draw.polygon([(cx, cy - h), (cx + h, cy + h), (cx - h, cy + h)], fill=fill)
-        else:  # pragma: no cover - SHAPES is closed
-            raise ValueError(f"unknown shape {o.shape!r}")
-    return img
+        for d, fill in ((draw, COLOURS[o.colour]), (mdraw, k + 1)):
+            if o.shape == "circle":
+                d.ellipse(box, fill=fill)
+            elif o.shape == "square":
+                d.rectangle(box, fill=fill)
+            elif o.shape == "triangle":
+                d.polygon([(cx, cy - h), (cx + h, cy + h), (cx - h, cy + h)], fill=fill)
+            else:  # pragma: no cover - SHAPES is closed
+                raise ValueError(f"unknown shape {o.shape!r}")
+    return img, np.asarray(mask)
 
 
 def blank_image(image_size: int) -> Image.Image:

@@ -31,8 +31,15 @@ from .scenes import BACKGROUNDS, COLOURS, SHAPES, SIZES, Scene
 GRID = 3
 
 
+ATTRS = ("shape", "colour", "size")
+
+
 class CellProbe(torch.nn.Module):
-    """Auxiliary per-image-token classifier of the token's grid cell contents."""
+    """Auxiliary classifiers on the image-token embeddings (dropped at export).
+
+    Per token: shape / colour / size (0 = empty) and the background. With ``--aux mask`` (stage 2)
+    the token targets come from the object mask (the object covering >= 30% of the patch), and
+    cell heads classify each cell's mean-pooled tokens, teaching features a reader can pool."""
 
     def __init__(self, hidden: int):
         super().__init__()
@@ -40,12 +47,19 @@ class CellProbe(torch.nn.Module):
         self.colour = torch.nn.Linear(hidden, len(COLOURS) + 1)
         self.size = torch.nn.Linear(hidden, len(SIZES) + 1)
         self.background = torch.nn.Linear(hidden, len(BACKGROUNDS))
+        self.cell = torch.nn.ModuleDict({k: torch.nn.Linear(hidden, getattr(self, k).out_features) for k in ATTRS})
 
     def loss(self, feats: torch.Tensor, targets: dict[str, torch.Tensor]) -> torch.Tensor:
-        # feats: [B, N, H] image-token embeddings; targets[k]: [B, N] class per token
-        total = sum(F.cross_entropy(getattr(self, k)(feats).flatten(0, 1).float(), targets[k].flatten())
-                    for k in ("shape", "colour", "size", "background"))
-        return total / 4
+        # feats: [B, N, H] image-token embeddings; targets[k]: [B, N] class per token,
+        # optionally targets["cell_" + k]: [B, 9] class per cell
+        ce = lambda logits, t: F.cross_entropy(logits.flatten(0, -2).float(), t.flatten())  # noqa: E731
+        terms = [ce(getattr(self, k)(feats), targets[k]) for k in (*ATTRS, "background")]
+        if "cell_shape" in targets:
+            side = int(feats.shape[1] ** 0.5)
+            per = side // GRID
+            cells = feats.view(feats.shape[0], GRID, per, GRID, per, -1).mean((2, 4)).flatten(1, 2)  # [B, 9, H]
+            terms += [ce(self.cell[k](cells), targets["cell_" + k]) for k in ATTRS]
+        return sum(terms) / len(terms)
 
 
 def cell_targets(scenes: list[Scene], side: int) -> dict[str, torch.Tensor]:
@@ -65,6 +79,29 @@ def cell_targets(scenes: list[Scene], side: int) -> dict[str, torch.Tensor]:
     return res
 
 
+def mask_targets(samples, side: int, coverage: float = 0.3) -> dict[str, torch.Tensor]:
+    """Per token: attributes of the object covering >= `coverage` of its patch; per cell: its object."""
+    B, patch = len(samples), samples[0].mask.shape[0] // side
+    cell = cell_targets([s.scene for s in samples], side)
+    out = {k: torch.zeros(B, side * side, dtype=torch.long) for k in ATTRS}
+    out["background"] = cell["background"]
+    for i, s in enumerate(samples):
+        m = torch.from_numpy(s.mask.astype("int64")).view(side, patch, side, patch).permute(0, 2, 1, 3).reshape(side * side, -1)
+        counts = F.one_hot(m, len(s.scene.objects) + 1)[:, :, 1:].sum(1)  # [N, objects] pixels per object
+        best = counts.argmax(1)
+        covered = counts.max(1).values >= coverage * patch * patch
+        for k, o in enumerate(s.scene.objects):
+            sel = covered & (best == k)
+            out["shape"][i, sel] = 1 + SHAPES.index(o.shape)
+            out["colour"][i, sel] = 1 + list(COLOURS).index(o.colour)
+            out["size"][i, sel] = 1 + list(SIZES).index(o.size)
+    per = side // GRID
+    first_token_of_cell = torch.tensor([(c // GRID) * per * side + (c % GRID) * per for c in range(9)])
+    for k in ATTRS:  # cell_targets repeats each cell's class over its tokens: take one per cell
+        out["cell_" + k] = cell[k][:, first_token_of_cell]
+    return out
+
+
 def sincos_2d_(pos_embedding: torch.nn.Embedding, side: int) -> None:
     """Initialise CLIP's learned position table (CLS + side^2 patches) with 2-D sin-cos."""
     dim = pos_embedding.weight.shape[1]
@@ -80,7 +117,7 @@ def sincos_2d_(pos_embedding: torch.nn.Embedding, side: int) -> None:
         pos_embedding.weight[0] = 0
 
 
-def forward_losses(model, probe, ids, labels, att, pix, scenes, side, aux_weight):
+def forward_losses(model, probe, ids, labels, att, pix, samples, side, aux_weight, aux="cell"):
     inner = model.model
     feats = inner.get_image_features(pixel_values=pix, vision_feature_layer=-1,
                                      vision_feature_select_strategy="default").pooler_output
@@ -90,8 +127,10 @@ def forward_losses(model, probe, ids, labels, att, pix, scenes, side, aux_weight
     hidden = inner.language_model(inputs_embeds=emb, attention_mask=att).last_hidden_state
     logits = model.lm_head(hidden[:, :-1]).float()
     lm = F.cross_entropy(logits.flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
-    aux = probe.loss(feats, cell_targets(scenes, side)) if aux_weight > 0 else torch.zeros(())
-    return lm, aux
+    if aux_weight <= 0:
+        return lm, torch.zeros(())
+    targets = mask_targets(samples, side) if aux == "mask" else cell_targets([s.scene for s in samples], side)
+    return lm, probe.loss(feats, targets)
 
 
 def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
@@ -128,7 +167,14 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--ckpt-every", type=int, default=500)
     ap.add_argument("--max-minutes", type=float, default=0, help="stop (resumably) after this long; 0 = no limit")
+    ap.add_argument("--stop-at", type=int, default=0, help="stop (resumably) at this step; the schedule still "
+                                                           "spans --steps")
     ap.add_argument("--export-only", action="store_true", help="export the last checkpoint to out/model and exit")
+    ap.add_argument("--aux", choices=["cell", "mask"], default="cell",
+                    help="auxiliary targets: every token of a cell gets its object (stage 1), or only the tokens "
+                         "the object covers, plus pooled per-cell heads (stage 2)")
+    ap.add_argument("--init-from", help="stage 2: start from this checkpoint.pt (model weights; fresh optimizer)")
+    ap.add_argument("--sample-offset", type=int, default=0, help="first training sample index (stage 2: unseen scenes)")
     args = ap.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -136,6 +182,8 @@ def main(argv=None):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tok_dir = out / "tokenizer"
+    if not tok_dir.exists() and args.init_from and (Path(args.init_from).parent / "tokenizer").is_dir():
+        __import__("shutil").copytree(Path(args.init_from).parent / "tokenizer", tok_dir)  # same ids as stage 1
     if not tok_dir.exists():
         build.train_tokenizer().save_pretrained(tok_dir)
     from transformers import AutoTokenizer, LlavaForConditionalGeneration
@@ -150,9 +198,14 @@ def main(argv=None):
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
 
     start, log_path, ckpt = 0, out / "train_log.jsonl", out / "checkpoint.pt"
+    if args.init_from and not ckpt.exists():
+        st = torch.load(args.init_from, weights_only=True)
+        model.load_state_dict(st["model"])
+        probe.load_state_dict(st["probe"], strict=False)  # the cell heads are new in stage 2
+        print(f"initialised from {args.init_from} (step {st['step']})")
     if ckpt.exists():  # resume (training state only; never shipped)
         st = torch.load(ckpt, weights_only=True)
-        model.load_state_dict(st["model"]); probe.load_state_dict(st["probe"]); opt.load_state_dict(st["opt"])
+        model.load_state_dict(st["model"]); probe.load_state_dict(st["probe"], strict=False); opt.load_state_dict(st["opt"])
         start = st["step"]
         print(f"resumed from step {start}")
     t0, ema, ema_aux = time.time(), None, None
@@ -161,13 +214,13 @@ def main(argv=None):
     model.train()
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="target", mininterval=5)
     for step in bar:
-        batch = [sample("train", step * args.batch_size + j, args.image_size) for j in range(args.batch_size)]
+        batch = [sample("train", args.sample_offset + step * args.batch_size + j, args.image_size)
+                 for j in range(args.batch_size)]
         ids, labels, att, pix = collate(tok, batch, side * side)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
-            lm, aux = forward_losses(model, probe, ids, labels, att, pix, [s.scene for s in batch], side,
-                                     args.aux_weight)
+            lm, aux = forward_losses(model, probe, ids, labels, att, pix, batch, side, args.aux_weight, args.aux)
         loss = lm + args.aux_weight * aux
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -181,12 +234,12 @@ def main(argv=None):
             with log_path.open("a") as f:
                 f.write(json.dumps({"step": done, "lm_loss": ema, "aux_loss": ema_aux,
                                     "lr": opt.param_groups[0]["lr"], "elapsed_s": time.time() - t0}) + "\n")
-        stop = args.max_minutes and (time.time() - t0) > 60 * args.max_minutes
+        stop = (args.max_minutes and (time.time() - t0) > 60 * args.max_minutes) or done == args.stop_at
         if done % args.ckpt_every == 0 or done == args.steps or stop:
             torch.save({"model": model.state_dict(), "probe": probe.state_dict(), "opt": opt.state_dict(),
                         "step": done}, ckpt)
         if stop:
-            print(f"stopped at step {done} after {args.max_minutes} min (resume by re-running)")
+            print(f"stopped at step {done} (resume by re-running without --stop-at/--max-minutes)")
             return
     model.eval()
     prov = {"command": "python -m vllm_hivis.tinyworld.train_target " + " ".join(argv or __import__("sys").argv[1:]),

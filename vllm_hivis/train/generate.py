@@ -23,7 +23,9 @@ from tqdm import tqdm
 from .data import (DataError, Manifest, PromptItem, image_spans, jsonl_prompts, read_shard, tinyworld_prompts,
                    tokenizer_fingerprint, write_shard)
 
-BYTES_PER_ROW_ESTIMATE = 2  # fp16, times hidden size, times rows
+# Disk estimate per record: prompt (image rows included) + answer rows, each stored twice at most
+# (hidden state, image embedding), fp16.
+EST_PROMPT_ROWS = 600
 
 
 def check_target(target_dir: str) -> dict:
@@ -185,8 +187,8 @@ def generate_dataset(target_dir: str, out_dir: str, source: dict, responses: lis
         if (old.tokenizer, old.source, old.responses) != (man.tokenizer, man.source, man.responses):
             raise DataError(f"{out} holds a dataset of another target, source or response set; use a new --out")
     tasks = plan_shards(out, source, n_items, shard_size)
-    need = sum(t["stop"] - t["start"] for t in tasks if not t["done"]) * sum(r["n"] for r in responses) \
-        * (max_tokens + 600) * man.hidden_size * 2 * BYTES_PER_ROW_ESTIMATE
+    records = sum(t["stop"] - t["start"] for t in tasks if not t["done"]) * sum(r["n"] for r in responses)
+    need = records * (max_tokens + EST_PROMPT_ROWS) * man.hidden_size * 2 * 2
     free = shutil.disk_usage(out).free
     if need > free:
         raise DataError(f"not enough disk space in {out}: ~{need / 2**30:.1f} GiB needed, {free / 2**30:.1f} GiB free")

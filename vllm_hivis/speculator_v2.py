@@ -1,0 +1,276 @@
+"""HiViSSpeculator: hivis drafting on vLLM 0.32's V2 model runner (the default GPU runner).
+
+NOT YET EXECUTED ON A GPU. The pure functions below are tested on the CPU (tests/unit/
+test_speculator_v2.py); the glue class has only run against CPU fakes of vLLM's V2 pieces,
+because the V2 runner needs Triton and CUDA.
+
+Design (same drop rule and drafter KV layout as the V1 proposer, see hide.py and proposer.py).
+V2's ``TargetDependentARSpeculator.propose`` (v1/worker/gpu/spec_decode/target_dependent_ar/
+speculator.py:165-364) runs: ``prepare_prefill_inputs`` (Triton, L226: ids shifted by one in
+*target* rows, ``last_token_indices = qs + q - num_rejected - 1``, draft seq_lens copied from
+``input_batch.seq_lens``), copy of the target hidden states (L246), the draft prefill ``_prefill``
+(L285, eager) or a FULL-graph replay of it (L280), then ``prepare_decode_inputs`` with
+``input_batch.seq_lens`` (L307) and the draft decode loop on ``self.input_buffers``.
+HiViSSpeculator keeps that method and changes three things around it:
+1. ``propose`` plans the step on the CPU (hide.plan_step: no GPU sync) and hands ``super()`` a copy
+   of the InputBatch whose ``seq_lens`` / ``seq_lens_cpu_upper_bound`` are the drafter's
+   (target - seq_shift). Draft prefill and decode seq lens are then in drafter space.
+2. ``_prefill`` (called after the shift and the hidden-state copy) compacts the buffers to the kept
+   rows, moves them to drafter positions, writes the compacted query_start_loc and
+   ``last_token_indices = new_qsl[r+1] - 1 - num_rejected[r]``, recomputes slots through V2's
+   ``BlockTables.compute_slot_mappings`` (block_table[req, c // B] * B + c % B) and rebuilds the
+   attention metadata with ``_build_attn_metadata``, then runs the parent's ``_prefill`` eagerly.
+   Compacting *after* the shift is what makes a kept row p read x_{p+1} even when row p+1 is dropped.
+3. ``init_cudagraph_manager`` gives the draft prefill a NONE-mode graph manager, so no FULL prefill
+   graph (captured on the target's metadata) is ever captured or replayed. The decode loop and its
+   FULL graphs are unchanged: they read ``self.input_buffers``, which now hold drafter values;
+   except when the drafter has step-bias residuals (drafter.py picks them with a Python counter that
+   a CUDA graph would freeze): then the decode loop runs eagerly too.
+Dummy/profile runs go straight to ``super()``. Positions are taken from the target batch, not the
+draft buffer: V2 leaves the draft positions of rejected rows stale (speculator.py:726-730).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import numpy as np
+import torch
+
+from .config import is_hivis
+from .hide import EMPTY_SPANS, StepPlan, as_spans, plan_step
+from .metrics import PrefillCounters
+from .trace import ProposalTracer
+
+# -- pure logic (numpy / torch, any device, no vLLM) -------------------------------------------
+
+
+def request_spans(mm_features: dict, req_ids: list[str]) -> list[np.ndarray]:
+    """[S_i, 2] image spans per request from V2's ``encoder_cache.mm_features`` (req_id -> features)."""
+    return [as_spans((f.mm_position.offset, f.mm_position.length) for f in mm_features[r])
+            if mm_features.get(r) else EMPTY_SPANS for r in req_ids]
+
+
+def plan_v2_prefill(num_computed: np.ndarray, query_start_loc: np.ndarray, spans: list[np.ndarray],
+                    prompt_lens: np.ndarray | None = None, num_draft_tokens: np.ndarray | None = None) -> StepPlan:
+    """hide.plan_step over a V2 batch, plus the contract V2's last-token convention needs.
+
+    num_computed:     [B] ``input_batch.num_computed_tokens_np`` (window starts; an upper bound for
+                      async decode rows, which lie after every image, where the plan does not
+                      depend on it)
+    query_start_loc:  [>= B + 1] ``input_batch.query_start_loc_np`` (may carry padded requests)
+    num_draft_tokens: [B] or None, ``input_batch.num_draft_tokens_per_req``: num_rejected <= drafts.
+    Returned plan, in drafter space: keep_idx [M] target rows kept, offset [M] (position shift),
+    query_start_loc [B + 1], seq_shift [B] (target seq_len - drafter seq_len), dummy [B].
+    """
+    B = len(num_computed)
+    qsl = np.asarray(query_start_loc[: B + 1], dtype=np.int64)
+    assert qsl.shape == (B + 1,) and len(spans) == B and (np.diff(qsl) >= 0).all()
+    plan = plan_step(np.asarray(num_computed, dtype=np.int64), qsl, spans, prompt_lens)
+    if num_draft_tokens is not None:
+        for r in np.nonzero(np.asarray(num_draft_tokens))[0]:
+            # new_qsl[r+1] - 1 - n must be target row qsl[r+1] - 1 - n for every n <= drafts:
+            # the window's last drafts + 1 rows must all be kept (true after the last image).
+            n, lo, hi = int(num_draft_tokens[r]) + 1, plan.query_start_loc[r], plan.query_start_loc[r + 1]
+            tail = plan.keep_idx[max(hi - n, lo):hi]
+            assert not plan.dummy[r] and np.array_equal(tail, np.arange(qsl[r + 1] - n, qsl[r + 1])), (
+                f"request {r} verifies drafts over a window with dropped rows")
+    return plan
+
+
+def compact_last_token_indices(query_start_loc: torch.Tensor, num_rejected: torch.Tensor) -> torch.Tensor:
+    # query_start_loc: [B + 1] compacted (drafter rows); num_rejected: [B] -> [B] int64
+    # V2's convention (speculator.py:703-722): the last accepted row of each request.
+    return query_start_loc[1:].long() - 1 - num_rejected.long()
+
+
+def compress_seq_lens(seq_lens: torch.Tensor, seq_shift: np.ndarray) -> torch.Tensor:
+    # seq_lens: [B_pad] target seq lens (GPU, or the CPU upper bound); seq_shift: [B] -> [B_pad]
+    # Padded entries are left as they are; a shift is exact (decode rows: a constant).
+    out = seq_lens.clone()
+    B = len(seq_shift)
+    out[:B] -= torch.from_numpy(np.asarray(seq_shift)).to(device=out.device, dtype=out.dtype)
+    return out
+
+
+def draft_slots(block_table: torch.Tensor, req_of_row: torch.Tensor, positions: torch.Tensor,
+                block_size: int) -> torch.Tensor:
+    # block_table: [R, max_blocks]; req_of_row, positions: [M] drafter positions -> [M] int64 slots
+    # What BlockTables.compute_slot_mappings (block_table.py:320-353) computes for one KV group
+    # without context parallelism: drafter position c lives in the request's own blocks.
+    blocks = block_table[req_of_row, positions // block_size].long()
+    return blocks * block_size + positions % block_size
+
+
+def record_prefill(counters: PrefillCounters, req_ids: list[str], plan: StepPlan, num_computed: np.ndarray,
+                   query_start_loc: np.ndarray, prompt_lens: np.ndarray) -> None:
+    """Drafter vs target prompt rows, as the V1 proposer counts them (proposer.py:_plan)."""
+    B = len(req_ids)
+    ends = np.asarray(num_computed[:B], dtype=np.int64) + np.diff(np.asarray(query_start_loc[: B + 1]))
+    for i, r in enumerate(req_ids):
+        if plan.target_prompt_rows[i]:
+            counters.add(r, int(plan.drafter_prompt_rows[i]), int(plan.target_prompt_rows[i]),
+                         prompt_done=bool(ends[i] >= prompt_lens[i]))
+
+
+# -- glue (needs vLLM's V2 runner: GPU + Triton) -----------------------------------------------
+
+
+@dataclasses.dataclass
+class _Step:
+    """What ``_prefill`` needs from ``propose`` (one proposal)."""
+
+    plan: StepPlan
+    req_ids: list[str]
+    num_tokens: int  # target rows N (unpadded)
+    keep: torch.Tensor  # [M] int64, device: kept target rows
+    offset: torch.Tensor  # [M] int64, device: target position - drafter position
+    query_start_loc: torch.Tensor  # [B + 1] int32, device: compacted
+    seq_lens_ub: torch.Tensor  # [B_pad] int32, CPU: drafter seq lens upper bound
+    num_rejected: torch.Tensor  # [B] int32, device
+    target_positions: torch.Tensor  # [N_pad] int64, device: input_batch.positions
+
+
+class HiViSSpeculatorMixin:
+    """The hivis overrides; ``speculator_class()`` puts them in front of vLLM's EagleSpeculator."""
+
+    def __init__(self, vllm_config, device: torch.device, req_states=None):
+        super().__init__(vllm_config, device)
+        self.req_states = req_states  # V2 RequestState (prompt lengths for the counters)
+        self.prefill_counters = PrefillCounters()
+        self.tracer = ProposalTracer()
+        self._hivis_step: _Step | None = None
+        assert not self.speculative_config.enable_adaptive_verification, (
+            "hivis: adaptive verification reallocates query_start_loc on the GPU only; not supported")
+        assert self.dp_size == 1 and self.dcp_size == 1, "hivis V2: data/decode context parallelism untested"
+        assert not vllm_config.model_config.uses_mrope, "hivis drafters use 1-D RoPE (LLaVA-style targets)"
+
+    def load_model(self, target_model) -> None:
+        super().load_model(target_model)
+        assert not self.supports_mm_inputs, "a hivis drafter never takes image embeddings"
+        if self.tracer.enabled:
+            self.model.register_forward_hook(lambda _m, _i, out: self.tracer.output(out[0]))
+
+    def init_cudagraph_manager(self, cudagraph_mode) -> None:
+        from vllm.config.compilation import CUDAGraphMode
+        from vllm.v1.worker.gpu.spec_decode.target_dependent_ar.cudagraph_utils import SpeculatorCudaGraphManager
+
+        super().init_cudagraph_manager(cudagraph_mode)
+        # No FULL prefill graph: it would replay the target's metadata (speculator.py:277-280).
+        self.prefill_cudagraph_manager = SpeculatorCudaGraphManager(
+            self.vllm_config, self.device, CUDAGraphMode.NONE, self.num_speculative_steps + 1)
+        if getattr(getattr(self, "model", None), "step_bias", None) is not None:
+            # drafter.py picks the step-bias row with a Python counter: a graph would freeze it.
+            self.decode_cudagraph_manager = SpeculatorCudaGraphManager(
+                self.vllm_config, self.device, CUDAGraphMode.NONE, decode_query_len=1)
+
+    @torch.inference_mode()
+    def propose(self, input_batch, attn_metadata, slot_mappings, last_hidden_states, aux_hidden_states,
+                num_sampled, num_rejected, last_sampled, next_prefill_tokens, temperature, seeds,
+                dp_sync_state=None, dummy_run=False, skip_attn_for_dummy_run=False, mm_inputs=None,
+                is_profile=False, num_speculative_tokens=None) -> torch.Tensor:
+        # last_hidden_states: [N_pad, H]; num_sampled, num_rejected: [B]; last_sampled,
+        # temperature, seeds: [max_num_reqs]; next_prefill_tokens: [lookahead, max_num_reqs]
+        self.model.begin_proposal()
+        call = functools.partial(
+            super().propose, attn_metadata=attn_metadata, slot_mappings=slot_mappings,
+            last_hidden_states=last_hidden_states, aux_hidden_states=aux_hidden_states, num_sampled=num_sampled,
+            num_rejected=num_rejected, last_sampled=last_sampled, next_prefill_tokens=next_prefill_tokens,
+            temperature=temperature, seeds=seeds, dp_sync_state=dp_sync_state, dummy_run=dummy_run,
+            skip_attn_for_dummy_run=skip_attn_for_dummy_run, mm_inputs=mm_inputs, is_profile=is_profile,
+            num_speculative_tokens=num_speculative_tokens)
+        B = input_batch.num_reqs
+        if dummy_run or is_profile or B == 0:
+            return call(input_batch=input_batch)
+        assert self.pcp_manager is None, "hivis V2: prefill context parallelism is not supported"
+        assert mm_inputs is None
+        req_ids = list(input_batch.req_ids[:B])
+        mm = self.model_state.encoder_cache.mm_features  # a hivis target is multimodal: never silently absent
+        prompt_lens = (self.req_states.prompt_len.np[input_batch.idx_mapping_np[:B]] if self.req_states is not None
+                       else input_batch.prefill_len_np[:B])
+        num_computed, qsl = input_batch.num_computed_tokens_np[:B], input_batch.query_start_loc_np
+        plan = plan_v2_prefill(num_computed, qsl, request_spans(mm, req_ids), prompt_lens,
+                               input_batch.num_draft_tokens_per_req)
+        record_prefill(self.prefill_counters, req_ids, plan, num_computed, qsl, prompt_lens)
+        to_dev = lambda a: torch.from_numpy(a).to(self.device, non_blocking=True)  # noqa: E731
+        self._hivis_step = _Step(
+            plan=plan, req_ids=req_ids, num_tokens=input_batch.num_tokens, keep=to_dev(plan.keep_idx),
+            offset=to_dev(plan.offset), query_start_loc=to_dev(plan.query_start_loc),
+            seq_lens_ub=compress_seq_lens(input_batch.seq_lens_cpu_upper_bound, plan.seq_shift),
+            num_rejected=num_rejected[:B], target_positions=input_batch.positions)
+        assert (self._hivis_step.seq_lens_ub[:B] >= 1).all(), "every request keeps >= 1 drafter row"
+        batch = dataclasses.replace(input_batch, seq_lens=compress_seq_lens(input_batch.seq_lens, plan.seq_shift),
+                                    seq_lens_cpu_upper_bound=self._hivis_step.seq_lens_ub)
+        try:
+            draft_token_ids = call(input_batch=batch)
+        finally:
+            self._hivis_step = None
+        self.tracer.end(draft_token_ids)
+        return draft_token_ids
+
+    def _prefill(self, num_reqs: int, num_tokens: int, attn_metadata, slot_mappings, *args, **kwargs) -> None:
+        if self._hivis_step is None:  # dummy / profile runs and graph capture
+            return super()._prefill(num_reqs, num_tokens, attn_metadata, slot_mappings, *args, **kwargs)
+        from vllm.config.compilation import CUDAGraphMode
+
+        mode = kwargs.get("cudagraph_runtime_mode", args[1] if len(args) > 1 else CUDAGraphMode.NONE)
+        assert mode == CUDAGraphMode.NONE, f"hivis draft prefill must run eagerly, got {mode}"
+        M, attn, slots_by_layer = self._compact_prefill(num_reqs)
+        return super()._prefill(num_reqs, M, attn, slots_by_layer, num_tokens_across_dp=None,
+                                cudagraph_runtime_mode=CUDAGraphMode.NONE, mm_inputs=None)
+
+    def _compact_prefill(self, num_reqs: int):
+        """Target rows -> drafter rows in the draft buffers; returns (M, attn metadata, slots by layer)."""
+        from vllm.config.compilation import CUDAGraphMode
+        from vllm.v1.worker.gpu.attn_utils import build_slot_mappings_by_layer
+        from vllm.v1.worker.gpu.cudagraph_utils import BatchExecutionDescriptor
+
+        st, B, ib = self._hivis_step, num_reqs, self.input_buffers
+        M = len(st.plan.keep_idx)
+        assert len(st.plan.query_start_loc) == B + 1 and 0 < M <= st.num_tokens
+        if M != st.num_tokens:  # rows dropped: gather kept rows to the front (RHS materialised first)
+            ib.input_ids[:M] = ib.input_ids[st.keep]
+            self.hidden_states[:M] = self.hidden_states[st.keep]
+        ib.positions[:M] = st.target_positions[st.keep] - st.offset
+        ib.query_start_loc[: B + 1] = st.query_start_loc
+        ib.query_start_loc[B + 1:] = M  # padding, as prepare_prefill_inputs pads (speculator.py:740-743)
+        self.last_token_indices[:B] = compact_last_token_indices(st.query_start_loc, st.num_rejected)
+        slots = self.block_tables.compute_slot_mappings(self.idx_mapping[:B], ib.query_start_loc[: B + 1],
+                                                        ib.positions, M)  # [num_kv_groups, M]
+        attn = self._build_attn_metadata(
+            num_reqs=B, batch_desc=BatchExecutionDescriptor(cg_mode=CUDAGraphMode.NONE, num_tokens=M, num_reqs=None),
+            query_start_loc_np=st.plan.query_start_loc, seq_lens_cpu_upper_bound=st.seq_lens_ub, step=0,
+            slot_mappings=slots)
+        if self.tracer.enabled:
+            pos, p = ib.positions[:M], st.plan
+            self.tracer.begin(st.req_ids, p.req_of_row, pos.cpu().numpy() + p.offset, pos, ib.input_ids[:M],
+                              self.hidden_states[:M], p.dummy[p.req_of_row])
+        return M, attn, build_slot_mappings_by_layer(slots, self.kv_cache_config)
+
+
+@functools.cache
+def speculator_class() -> type:
+    """HiViSSpeculator(HiViSSpeculatorMixin, EagleSpeculator), built on first use (imports V2)."""
+    from vllm.v1.worker.gpu.spec_decode.eagle.speculator import EagleSpeculator
+
+    doc = "vLLM's V2 EagleSpeculator with the image hidden from the drafter (see the module docstring)."
+    return type("HiViSSpeculator", (HiViSSpeculatorMixin, EagleSpeculator), {"__module__": __name__, "__doc__": doc})
+
+
+def __getattr__(name: str):
+    if name == "HiViSSpeculator":  # `from vllm_hivis.speculator_v2 import HiViSSpeculator` imports V2 only then
+        return speculator_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def make_init_speculator(orig):
+    """Wrap ``vllm.v1.worker.gpu.spec_decode.init_speculator``: hivis configs get HiViSSpeculator."""
+
+    @functools.wraps(orig)
+    def init_speculator(vllm_config, device, req_states):
+        if is_hivis(vllm_config):
+            return speculator_class()(vllm_config, device, req_states)
+        return orig(vllm_config, device, req_states)
+
+    return init_speculator
