@@ -5,14 +5,19 @@ per process (idempotent: a patched target is marked and never wrapped twice) and
 on any vLLM but the pinned one. The plugin entry point (plugin.py) calls `apply_all()` in every
 vLLM process (API server, engine core, workers); `vllm_hivis.launcher` applies the CLI patch
 before vLLM's command line starts.
+
+Each patch runs when the vLLM module it changes is imported (right away if it already is), so
+registering the plugin imports nothing heavy: an API server never imports the model runners.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib.abc
 import importlib.metadata
 import logging
 import os
+import sys
 
 logger = logging.getLogger("vllm_hivis.patches")
 
@@ -257,19 +262,68 @@ def declare_hivis_env_vars() -> None:
         envs.environment_variables.setdefault(name, lambda n=name: os.environ.get(n))
 
 
-ENGINE_PATCHES = (declare_hivis_env_vars, accept_hivis_method, check_drafter_fits_target, use_hivis_proposer,
-                  use_hivis_speculator_v2,
-                  hivis_reads_no_prefill_lookahead, cpu_seeded_requests_survive_chunked_prefill,
-                  cpu_rejection_sampler_expands_correctly)
+# (the vLLM module a patch changes, the patch)
+ENGINE_PATCHES = (
+    ("vllm.envs", declare_hivis_env_vars),
+    ("vllm.engine.arg_utils", accept_hivis_method),
+    ("vllm.engine.arg_utils", check_drafter_fits_target),
+    ("vllm.config.vllm", hivis_reads_no_prefill_lookahead),
+    ("vllm.v1.worker.gpu_model_runner", use_hivis_proposer),
+    ("vllm.v1.worker.gpu_model_runner", cpu_seeded_requests_survive_chunked_prefill),
+    ("vllm.v1.worker.gpu.model_runner", use_hivis_speculator_v2),
+    ("vllm.v1.sample.rejection_sampler", cpu_rejection_sampler_expands_correctly),
+)
+_scheduled: set[str] = set()
+
+
+class _PostImportHooks(importlib.abc.MetaPathFinder):
+    """Runs callbacks right after a named module has been executed (first import only)."""
+
+    def __init__(self):
+        self.hooks: dict[str, list] = {}
+
+    def find_spec(self, name, path, target=None):
+        if name not in self.hooks:
+            return None
+        for finder in sys.meta_path:  # let the normal finders locate the module
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(name, path, target)
+            if spec is not None and spec.loader is not None and hasattr(spec.loader, "exec_module"):
+                hooks, orig_exec = self.hooks.pop(name), spec.loader.exec_module
+
+                def exec_module(module, orig_exec=orig_exec, hooks=hooks):
+                    orig_exec(module)
+                    for hook in hooks:
+                        hook()
+
+                spec.loader.exec_module = exec_module
+                return spec
+        return None
+
+
+_hooks = _PostImportHooks()
+
+
+def _apply(patch) -> None:
+    patch()
+    _applied.append(patch.__name__)
+    logger.debug("vllm-hivis patch applied: %s", patch.__name__)
 
 
 def apply_all() -> list[str]:
-    """Apply every engine patch once in this process; returns the names applied so far."""
+    """Apply every engine patch once in this process (now, or when its module is imported).
+    Returns the names of the patches applied so far."""
     if os.environ.get("VLLM_HIVIS_SKIP_VERSION_CHECK") != "1":
         check_vllm_version()
-    for patch in ENGINE_PATCHES:
-        if patch.__name__ not in _applied:
-            patch()
-            _applied.append(patch.__name__)
-            logger.debug("vllm-hivis patch applied: %s", patch.__name__)
+    if _hooks not in sys.meta_path:
+        sys.meta_path.insert(0, _hooks)
+    for module, patch in ENGINE_PATCHES:
+        if patch.__name__ in _scheduled:
+            continue
+        _scheduled.add(patch.__name__)
+        if module in sys.modules:
+            _apply(patch)
+        else:
+            _hooks.hooks.setdefault(module, []).append(functools.partial(_apply, patch))
     return list(_applied)

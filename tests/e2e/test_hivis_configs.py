@@ -25,10 +25,11 @@ def reference(greedy):
     dict(max_num_batched_tokens=16, enable_chunked_prefill=True),  # chunks end inside images
     dict(num_gpu_blocks_override=5, max_num_seqs=8),  # forced preemption (tiny KV cache)
     dict(max_num_batched_tokens=40, enable_chunked_prefill=True,
-         speculative_config=hivis_spec(k=5, disable_padded_drafter_batch=True)),
+         spec=dict(k=5, disable_padded_drafter_batch=True)),
 ])
 def test_lossless_configs(reference, greedy, config):
-    spec = config.pop("speculative_config", hivis_spec(k=4))
+    config = dict(config)  # parametrize objects are shared between runs
+    spec = hivis_spec(**config.pop("spec", dict(k=4)))  # resolved at run time: collection needs no assets
     with engine(speculative_config=spec, **config) as llm:
         before = from_llm_metrics(llm.get_metrics())  # hivis prefill counters are per process
         out = token_ids(llm.generate(prompt_set(), greedy, use_tqdm=False))

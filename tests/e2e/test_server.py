@@ -104,3 +104,14 @@ def test_vllm_serve_rejects_a_bad_hivis_config(tmp_path):
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert r.returncode != 0
     assert "hivis drafter directory" in r.stdout + r.stderr and "does not exist" in r.stdout + r.stderr
+
+
+def test_demo_runs_end_to_end():
+    """The README's main job: `vllm-hivis demo` serves, queries and reports acceptance."""
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "vllm_hivis.cli", "demo"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    out = r.stdout
+    assert "ASSISTANT: There " in out and "(truth:" in out and "ASSISTANT (streamed):" in out
+    assert "acceptance length:" in out and "drafter prefill:" in out

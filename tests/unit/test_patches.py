@@ -123,3 +123,23 @@ def test_cpu_rejection_sampler_is_lossless_at_temperature():
     ok = out[:, 0] == 1
     pos1 = torch.stack([((out[:, 1] == v) & ok).float().sum() / ok.sum() for v in range(4)])
     assert torch.allclose(pos1, want[1], atol=0.02), (pos1, want[1])
+
+
+def test_patches_wait_for_their_module(tmp_path, monkeypatch):
+    """A patch of a module not yet imported runs right after its first import, exactly once."""
+    import sys
+
+    (tmp_path / "hivis_fake_target.py").write_text("VALUE = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    calls = []
+    patches._hooks.hooks.setdefault("hivis_fake_target", []).append(
+        lambda: calls.append(sys.modules["hivis_fake_target"].VALUE))
+    if patches._hooks not in sys.meta_path:
+        sys.meta_path.insert(0, patches._hooks)
+    import hivis_fake_target  # noqa: F401
+
+    assert calls == [1]  # ran after the module body, with the module in sys.modules
+    del sys.modules["hivis_fake_target"]
+    import hivis_fake_target  # noqa: F401,F811
+
+    assert calls == [1]
