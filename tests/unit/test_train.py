@@ -163,3 +163,18 @@ def test_sources_and_storage(synthetic_dataset, tmp_path):
     recs = read_shard(f"{synthetic_dataset}/shard-00000.safetensors")
     assert len(recs) == 6 and recs[0]["hidden"].dtype == torch.float16
     assert recs[0]["hidden"].shape[0] == len(recs[0]["input_ids"]) and np.all(recs[0]["spans"][:, 1] == 9)
+
+
+def test_evaluation_between_training_runs(synthetic_dataset, random_target, tmp_path):
+    """The ablation trains, evaluates, trains again: evaluation must not leave grad mode off."""
+    from vllm_hivis.train.evaluate import evaluate
+    from vllm_hivis.train.generate import prompt_source
+
+    train(cfg(synthetic_dataset, random_target, tmp_path / "a"))
+    size = json.loads(open(f"{random_target}/config.json").read())["vision_config"]["image_size"]
+    items = prompt_source({"kind": "tinyworld", "split": "test", "start": 0, "count": 1, "image_size": size,
+                           "prompt_kind": "describe"})
+    acc, outs = evaluate(random_target, str(tmp_path / "a" / "drafter"), items, k=2, max_tokens=6, progress=False)
+    assert len(outs) == 1 and 1 <= len(outs[0]) <= 6 and acc.num_drafts >= 1
+    assert torch.is_grad_enabled()
+    train(cfg(synthetic_dataset, random_target, tmp_path / "b"))  # raised "does not require grad" before

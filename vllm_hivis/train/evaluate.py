@@ -151,9 +151,9 @@ def replay(target: Target, drafter, kind: str, embed, lm_head, item: PromptItem,
     return generated, accepted
 
 
+@torch.no_grad()  # scoped: the trainer calls this between training runs (ablation)
 def evaluate(target_dir: str, drafter_path: str, items: list[PromptItem], k: int = 5, max_tokens: int = 160,
              progress: bool = True) -> tuple[Acceptance, list[list[int]]]:
-    torch.set_grad_enabled(False)
     target = Target(target_dir)
     drafter, kind = load_drafter(drafter_path)
     embed, lm_head, _ = frozen_target_parts(target_dir)
