@@ -1,5 +1,5 @@
 """Lossless greedy decoding under every engine configuration that changes the drafter's windows:
-batch 1, chunked prefill with chunks ending inside images, forced preemption (tiny KV cache), the
+batch 1, chunked prefill with chunks ending inside images, forced preemption (tiny KV cache, ignore_eos), the
 unpadded drafter batch. Engines run in-process, one at a time."""
 
 import json
@@ -23,7 +23,6 @@ def reference(greedy):
 @pytest.mark.parametrize("config", [
     dict(max_num_seqs=1),  # batch 1
     dict(max_num_batched_tokens=16, enable_chunked_prefill=True),  # chunks end inside images
-    dict(num_gpu_blocks_override=5, max_num_seqs=8),  # forced preemption (tiny KV cache)
     dict(max_num_batched_tokens=40, enable_chunked_prefill=True,
          spec=dict(k=5, disable_padded_drafter_batch=True)),
 ])
@@ -36,9 +35,26 @@ def test_lossless_configs(reference, greedy, config):
         acc = from_llm_metrics(llm.get_metrics()).minus(before)
     assert out == reference
     assert acc.num_accepted > 0
-    if "num_gpu_blocks_override" in config:
-        # preemption recomputes prompts: the target prefilled more than the prompts hold
-        assert acc.target_prefill_tokens > sum(len_prompt_tokens(p) for p in prompt_set())
+
+
+def test_lossless_under_preemption():
+    """A KV cache of 17 blocks x 32 tokens (one max_model_len) for 8 concurrent requests that all
+    run to their token limit (ignore_eos): running requests must be preempted and recomputed."""
+    from vllm import SamplingParams
+
+    prompts = prompt_set()
+    sp = SamplingParams(temperature=0.0, max_tokens=96, ignore_eos=True)
+    with engine() as llm:
+        reference = token_ids(llm.generate(prompts, sp, use_tqdm=False))
+    with engine(speculative_config=hivis_spec(k=4), block_size=32, num_gpu_blocks_override=17,
+                max_num_seqs=8) as llm:
+        before = from_llm_metrics(llm.get_metrics())
+        out = token_ids(llm.generate(prompts, sp, use_tqdm=False))
+        acc = from_llm_metrics(llm.get_metrics()).minus(before)
+    assert out == reference
+    assert acc.num_accepted > 0
+    # preemption recomputes prompts: the target prefilled more than the prompts hold
+    assert acc.target_prefill_tokens > sum(len_prompt_tokens(p) for p in prompts)
 
 
 def len_prompt_tokens(p):
