@@ -35,7 +35,9 @@ def chat(client, model, image, question, stream=False, max_tokens=128):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--scene", type=int, default=7, help="index of the held-out (test split) scene")
+    # default: a four-object held-out scene the shipped target describes word for word (it does so for
+    # 71.5% of held-out scenes; scene 7, for one, has a small circle it calls a square)
+    ap.add_argument("--scene", type=int, default=9, help="index of the held-out (test split) scene")
     ap.add_argument("--num-speculative-tokens", type=int, default=5)
     ap.add_argument("--no-spec", action="store_true", help="serve without speculative decoding")
     args = ap.parse_args(argv)
