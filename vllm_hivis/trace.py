@@ -18,6 +18,12 @@ import torch
 TRACE_DIR_ENV = "VLLM_HIVIS_TRACE_DIR"
 
 
+def _numpy(x: torch.Tensor) -> np.ndarray:
+    """A copy: on the CPU .numpy() would alias the proposer's persistent buffers, which the later
+    draft steps overwrite."""
+    return x.detach().cpu().numpy().copy()
+
+
 class ProposalTracer:
     def __init__(self):
         d = os.environ.get(TRACE_DIR_ENV)
@@ -31,21 +37,19 @@ class ProposalTracer:
 
     def begin(self, req_ids: list[str], req_of_row, target_pos, drafter_pos, input_ids, features, is_dummy) -> None:
         # req_of_row/target_pos/drafter_pos/input_ids/is_dummy: [M]; features: [M, H]
-        # copies: on the CPU .numpy() would alias the proposer's persistent buffers, which the
-        # later draft steps overwrite
-        t = lambda x: x.detach().float().cpu().numpy().copy() if isinstance(x, torch.Tensor) else np.array(x)  # noqa: E731
+        t = lambda x: _numpy(x.float()) if isinstance(x, torch.Tensor) else np.array(x)  # noqa: E731
         self.rec = {"req_ids": np.array(req_ids), "req_of_row": t(req_of_row), "target_pos": t(target_pos),
                     "drafter_pos": t(drafter_pos), "input_ids": t(input_ids), "features": t(features),
                     "is_dummy": t(is_dummy)}
 
     def output(self, out_features: torch.Tensor) -> None:
         if self.rec is not None and "out_features" not in self.rec:
-            self.rec["out_features"] = out_features[: len(self.rec["input_ids"])].detach().float().cpu().numpy().copy()
+            self.rec["out_features"] = _numpy(out_features[: len(self.rec["input_ids"])].float())
 
     def end(self, draft_token_ids: torch.Tensor, sample_rows: torch.Tensor | None = None) -> None:
         if self.rec is None:
             return
-        self.rec["draft_token_ids"] = draft_token_ids.detach().cpu().numpy().copy()
+        self.rec["draft_token_ids"] = _numpy(draft_token_ids)
         if sample_rows is not None:
             self.rec["sample_rows"] = sample_rows.detach().cpu().numpy()
         self.dir.mkdir(parents=True, exist_ok=True)

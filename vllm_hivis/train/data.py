@@ -43,6 +43,13 @@ class PromptItem:
     image: object | None = None  # PIL image, a path, or None for a text-only prompt
     kind: str = "custom"
 
+    def chat_text(self, processor) -> str:
+        """The target's chat-template prompt for this item (one image placeholder if it has an image):
+        what vLLM is sent for data generation and what the offline evaluator tokenizes."""
+        content = ([{"type": "image"}] if self.image is not None else []) + [{"type": "text", "text": self.question}]
+        return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                             tokenize=False)
+
 
 def tinyworld_prompts(split: str, start: int, count: int, image_size: int, kind: str = "mix") -> list[PromptItem]:
     from ..tinyworld.dataset import sample

@@ -61,9 +61,7 @@ class Target:
         self.eos = self.processor.tokenizer.eos_token_id
 
     def encode(self, item: PromptItem):
-        content = ([{"type": "image"}] if item.image is not None else []) + [{"type": "text", "text": item.question}]
-        text = self.processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
-                                                  tokenize=False)
+        text = item.chat_text(self.processor)
         enc = self.processor(images=item.image, text=text, return_tensors="pt", add_special_tokens=False) \
             if item.image is not None else self.processor.tokenizer(text, return_tensors="pt", add_special_tokens=False)
         return enc["input_ids"][0], enc.get("pixel_values")

@@ -103,9 +103,7 @@ class TargetWorker:
             target_dir, dtype=torch.float32 if not cuda else torch.bfloat16, local_files_only=True).to(self.device).eval()
 
     def prompt(self, item: PromptItem) -> dict:
-        content = ([{"type": "image"}] if item.image is not None else []) + [{"type": "text", "text": item.question}]
-        text = self.processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
-                                                  tokenize=False)
+        text = item.chat_text(self.processor)
         if item.image is None:
             return {"prompt": text}
         return {"prompt": text, "multi_modal_data": {"image": item.image}}
