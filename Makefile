@@ -9,13 +9,13 @@ setup:
 	@bash scripts/bootstrap.sh
 
 demo: setup
-	$(PY) -m vllm_hivis.cli demo
+	$(PY) -m hivis_testbed demo
 
-# Every test: unit, kernel (Triton interpreter), vLLM end-to-end, slow statistical ones; GPU tests
-# skip without a GPU. pytest's "no tests collected" (exit 5) fails like any other error.
+# Lint (ruff), then every test: kernels (Triton; interpreter without a GPU), unit, V2 fakes,
+# vLLM end to end, slow statistical ones; GPU tests skip without a GPU. scripts/test.sh.
 test: setup
-	TRITON_INTERPRET=1 $(PY) -m pytest -m "e2e or gpu or slow or not (e2e or gpu or slow)" --durations=15
+	bash scripts/test.sh all
 
-# Unit + kernel tests only (seconds).
+# Lint, kernels, unit and V2 tests only (no vLLM engine; about a minute).
 test-fast: setup
-	TRITON_INTERPRET=1 $(PY) -m pytest
+	bash scripts/test.sh fast

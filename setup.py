@@ -13,10 +13,13 @@ setup(
     long_description=open("README.md", encoding="utf-8").read() if __import__("os").path.exists("README.md") else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["vllm_hivis", "vllm_hivis.tinyworld", "vllm_hivis.train", "vllm_hivis.kernels"],
+    # The product (vllm_hivis: method, vLLM integration, patches, training, kernels) and, apart from
+    # it, the testbed (hivis_testbed: the tiny world, its shipped models, the demo).
+    packages=["vllm_hivis", "vllm_hivis.method", "vllm_hivis.serving", "vllm_hivis.patches", "vllm_hivis.train",
+              "vllm_hivis.kernels", "hivis_testbed", "hivis_testbed.tinyworld"],
     # The repo's top-level kernels/ ships as vllm_hivis.kernels (never a top-level `kernels`).
     package_dir={"vllm_hivis.kernels": "kernels"},
-    package_data={"vllm_hivis": ["assets/*/*", "assets/*/*/*"]},
+    package_data={"hivis_testbed": ["assets/*/*", "assets/*/*/*"]},
     include_package_data=True,
     install_requires=[
         # Everything else comes with vLLM (torch, transformers, safetensors, numpy, pillow, tqdm).
@@ -27,6 +30,6 @@ setup(
     },
     entry_points={
         "vllm.general_plugins": ["hivis = vllm_hivis.plugin:register"],
-        "console_scripts": ["vllm-hivis = vllm_hivis.cli:main"],
+        "console_scripts": ["vllm-hivis = vllm_hivis.cli:main", "hivis-testbed = hivis_testbed.cli:main"],
     },
 )

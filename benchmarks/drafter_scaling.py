@@ -33,8 +33,8 @@ def timed(fn, repeats: int) -> float:
 def main(argv=None) -> int:
     from transformers import DynamicCache
 
-    from vllm_hivis.checkpoint import DrafterSpec
-    from vllm_hivis.drafter_torch import HiViSDrafter
+    from vllm_hivis.method.checkpoint import DrafterSpec
+    from vllm_hivis.train.drafters import HiViSDrafter
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="benchmarks/results/drafter_scaling")
@@ -56,7 +56,7 @@ def main(argv=None) -> int:
                 e, f = torch.randn(1, n, H), torch.randn(1, n, H)
                 pos = torch.arange(n)[None]
 
-                def prefill():
+                def prefill(e=e, f=f, pos=pos, n=n):
                     c = DynamicCache()
                     d(e, f, pos, mask=torch.ones(n, n, dtype=torch.bool).tril()[None, None], cache=c)
                     return c
@@ -64,7 +64,7 @@ def main(argv=None) -> int:
                 cache = prefill()
                 q1, f1 = torch.randn(1, 1, H), torch.randn(1, 1, H)
 
-                def step():  # one draft step attending over the n cached rows (cache not grown)
+                def step(q1=q1, f1=f1, n=n, cache=cache):  # one draft step over the n cached rows (cache not grown)
                     d(q1, f1, torch.tensor([[n]]), mask=torch.ones(1, 1, 1, n + 1, dtype=torch.bool),
                       cache=_Frozen(cache))
 
@@ -81,7 +81,8 @@ def main(argv=None) -> int:
              "hivis draft step ms | EAGLE draft step ms |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['image_tokens']} | {r['hivis_prefill_rows']} | {r['eagle_prefill_rows']} | "
-                     f"{r['hivis_prefill_ms']} | {r['eagle_prefill_ms']} | {r['hivis_step_ms']} | {r['eagle_step_ms']} |")
+                     f"{r['hivis_prefill_ms']} | {r['eagle_prefill_ms']} | {r['hivis_step_ms']} | "
+                     f"{r['eagle_step_ms']} |")
     lines += ["", "Command: `python benchmarks/drafter_scaling.py`"]
     Path(args.out + ".md").write_text("\n".join(lines) + "\n")
     plot(rows, Path(args.out + ".png"))

@@ -23,8 +23,8 @@ from pathlib import Path
 def run_method(name: str, spec: dict | None, prompts, batch: int, args) -> dict:
     from vllm import LLM, SamplingParams
 
-    from vllm_hivis import assets
-    from vllm_hivis.acceptance import from_llm_metrics
+    from hivis_testbed import assets
+    from vllm_hivis.serving.acceptance import from_llm_metrics
 
     llm = LLM(model=assets.tiny_target(), dtype="float32", max_model_len=512, enforce_eager=True,
               gpu_memory_utilization=0.25, speculative_config=spec, disable_log_stats=False, max_num_seqs=batch,
@@ -54,9 +54,9 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
-    from vllm_hivis import assets
-    from vllm_hivis.tinyworld.build import prompt_text
-    from vllm_hivis.tinyworld.dataset import sample
+    from hivis_testbed import assets
+    from hivis_testbed.tinyworld.build import prompt_text
+    from hivis_testbed.tinyworld.dataset import sample
 
     size = json.loads((Path(assets.tiny_target()) / "config.json").read_text())["vision_config"]["image_size"]
     prompts = [{"prompt": "<s>" + prompt_text(s.qa.question), "multi_modal_data": {"image": s.image}}
@@ -81,15 +81,16 @@ def main(argv=None) -> int:
             "prompts": f"test split scenes 2000..{2000 + args.n - 1}, describe, greedy, max 160 tokens",
             "command": "python benchmarks/offline.py " + " ".join(argv or __import__("sys").argv[1:])}
     Path(args.out + ".json").parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out + ".json").write_text(json.dumps({"meta": meta, "rows": [{k: v for k, v in r.items() if k != "outputs"}
-                                                                           for r in rows]}, indent=2) + "\n")
+    table = [{k: v for k, v in r.items() if k != "outputs"} for r in rows]
+    Path(args.out + ".json").write_text(json.dumps({"meta": meta, "rows": table}, indent=2) + "\n")
     lines = [f"Tiny target on {meta['machine']} (vLLM 0.32.0 CPU build, V1 runner, fp32, eager), {meta['prompts']}, "
              f"k={args.k}. One run; ratios within the run.", "",
              "| batch | method | tokens/s | speedup vs no-spec | same tokens as no-spec | tokens/step (incl. bonus) "
              "| accepted/step (τ) | drafter/target prefill |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         a = r.get("acceptance")
-        pr = "" if not a or a["prefill_ratio"] is None else f"{a['drafter_prefill_tokens']:.0f}/{a['target_prefill_tokens']:.0f} ({100 * a['prefill_ratio']:.1f}%)"
+        pr = "" if not a or a["prefill_ratio"] is None else (
+            f"{a['drafter_prefill_tokens']:.0f}/{a['target_prefill_tokens']:.0f} ({100 * a['prefill_ratio']:.1f}%)")
         lines.append(f"| {r['batch']} | {r['method']} | {r['tokens_per_s']} | {r['speedup_vs_no_spec']:.2f}x | "
                      f"{r['same_output_as_no_spec']} | {a['tokens_per_step'] if a else 1.0} | "
                      f"{a['accepted_per_draft'] if a else 0} | {pr} |")

@@ -25,7 +25,6 @@ K/V tile is loaded once per group. Softmax is online (flash-attention style) in 
 """
 
 import os
-from typing import Optional
 
 import torch
 import triton
@@ -165,13 +164,13 @@ def tree_attention(
     block_table: torch.Tensor,  # [num_reqs, max_blocks_per_req] int32
     seq_lens: torch.Tensor,  # [num_reqs] int32, prefix + new tokens
     query_start_loc: torch.Tensor,  # [num_reqs + 1] int32
-    tree_mask: Optional[torch.Tensor],  # [sum_r q_r * q_r] bool/uint8, or None when causal
-    mask_indptr: Optional[torch.Tensor],  # [num_reqs + 1] int32, or None when causal
+    tree_mask: torch.Tensor | None,  # [sum_r q_r * q_r] bool/uint8, or None when causal
+    mask_indptr: torch.Tensor | None,  # [num_reqs + 1] int32, or None when causal
     scale: float,
     use_tree_mask: bool = True,
     *,
-    max_q_len: Optional[int] = None,  # max_r q_r; computed from query_start_loc (a host sync) if None
-    out: Optional[torch.Tensor] = None,  # [num_q_tokens, num_heads, head_dim], written in place
+    max_q_len: int | None = None,  # max_r q_r; computed from query_start_loc (a host sync) if None
+    out: torch.Tensor | None = None,  # [num_q_tokens, num_heads, head_dim], written in place
 ) -> torch.Tensor:  # [num_q_tokens, num_heads, head_dim]
     """Attention of every new token over its prefix and its tree ancestors (see module doc)."""
     _check_inputs(q, k_cache, v_cache, block_table, seq_lens, query_start_loc, tree_mask,
@@ -216,8 +215,8 @@ def tree_attention_ref(
     block_table: torch.Tensor,  # [num_reqs, max_blocks_per_req] int32
     seq_lens: torch.Tensor,  # [num_reqs] int32
     query_start_loc: torch.Tensor,  # [num_reqs + 1] int32
-    tree_mask: Optional[torch.Tensor],  # [sum_r q_r * q_r] bool/uint8, or None when causal
-    mask_indptr: Optional[torch.Tensor],  # [num_reqs + 1] int32, or None when causal
+    tree_mask: torch.Tensor | None,  # [sum_r q_r * q_r] bool/uint8, or None when causal
+    mask_indptr: torch.Tensor | None,  # [num_reqs + 1] int32, or None when causal
     scale: float,
     use_tree_mask: bool = True,
 ) -> torch.Tensor:  # [num_q_tokens, num_heads, head_dim]

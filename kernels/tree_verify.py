@@ -27,7 +27,6 @@ source rows of its request into registers (a staging buffer), passes a barrier, 
 destinations. Contract: destinations are unique, and requests use disjoint slots.
 """
 
-from typing import Optional, Tuple
 
 import torch
 import triton
@@ -89,8 +88,8 @@ def tree_verify(
     parents: torch.Tensor,  # [num_reqs, num_nodes] int32
     draft_tokens: torch.Tensor,  # [num_reqs, num_nodes] int64
     target_argmax: torch.Tensor,  # [num_reqs, num_nodes] int64
-    max_depth: Optional[int] = None,  # longest walk; default num_nodes - 1 (a chain)
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    max_depth: int | None = None,  # longest walk; default num_nodes - 1 (a chain)
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Greedy tree acceptance. Returns (accepted_len [num_reqs] int32,
     accepted_nodes [num_reqs, max_depth+1] int32, output_tokens [num_reqs, max_depth+1] int64)."""
     max_depth = _check_tree(parents, draft_tokens, target_argmax, max_depth)
@@ -110,8 +109,8 @@ def tree_verify_ref(
     parents: torch.Tensor,  # [num_reqs, num_nodes] int32
     draft_tokens: torch.Tensor,  # [num_reqs, num_nodes] int64
     target_argmax: torch.Tensor,  # [num_reqs, num_nodes] int64
-    max_depth: Optional[int] = None,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    max_depth: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Python reference of ``tree_verify``: walk down the tree one accepted child at a time."""
     max_depth = _check_tree(parents, draft_tokens, target_argmax, max_depth)
     num_reqs, num_nodes = parents.shape
@@ -141,7 +140,7 @@ def accepted_path_slots(
     block_table: torch.Tensor,  # [num_reqs, max_blocks_per_req] int32
     tree_start: torch.Tensor,  # [num_reqs] int, position of each root (node i was at tree_start + i)
     block_size: int,
-) -> Tuple[torch.Tensor, torch.Tensor]:  # src_slots, dst_slots: [num_reqs, max_depth] int64
+) -> tuple[torch.Tensor, torch.Tensor]:  # src_slots, dst_slots: [num_reqs, max_depth] int64
     """Moves that turn the accepted path into a chain: the node accepted at depth k (1..max_depth)
     goes from position tree_start + node to tree_start + k. Nodes already in place get -1."""
     depth = torch.arange(1, accepted_nodes.shape[1], device=accepted_nodes.device)  # [max_depth]

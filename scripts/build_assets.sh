@@ -2,13 +2,13 @@
 # Rebuild the shipped tiny-world models from scratch, reproducibly (seeded; CPU).
 #   bash scripts/build_assets.sh target    # ~2.5 h on 2 CPU cores: train (2 stages) + grade the target LLaVA
 #   bash scripts/build_assets.sh drafter   # ~25 min: target-generated data, train + evaluate the drafter
-# Each copies its result into vllm_hivis/assets/ with provenance.json (command, seed, commit,
+# Each copies its result into hivis_testbed/assets/ with provenance.json (command, seed, commit,
 # metrics, timings). Work directories go to runs/ (git-ignored).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh
 PY=.venv/bin/python
-ASSETS=vllm_hivis/assets
+ASSETS=hivis_testbed/assets
 step=${1:?usage: build_assets.sh target|drafter}
 
 ship() {  # ship SRC DEST METRICS_JSON SECONDS COMMAND: copy a model dir, merge metrics into provenance
@@ -29,14 +29,14 @@ PYEOF
 if [[ $step == target ]]; then
   t0=$(date +%s)
   # stage 1: 7000 steps of an 8000-step schedule; every token of a cell learns the cell's object
-  $PY -m vllm_hivis.tinyworld.train_target --out runs/target --image-size 168 --steps 8000 --stop-at 7000 \
+  $PY -m hivis_testbed.tinyworld.train_target --out runs/target --image-size 168 --steps 8000 --stop-at 7000 \
       --threads 1 --seed 0
   # stage 2: fresh schedule on unseen scenes; token targets from the object masks + pooled cell heads
   # (stage 1 left shapes at ~57%: features of small objects were not shape-specific enough)
-  $PY -m vllm_hivis.tinyworld.train_target --out runs/target-s2 --image-size 168 --steps 3500 \
+  $PY -m hivis_testbed.tinyworld.train_target --out runs/target-s2 --image-size 168 --steps 3500 \
       --init-from runs/target/checkpoint.pt --aux mask --aux-weight 1.0 --lr 1e-3 --warmup 100 \
       --sample-offset 200000 --threads 2 --seed 0
-  $PY -m vllm_hivis.tinyworld.evaluate runs/target-s2/model --n 200 --out runs/target-s2/metrics.json
+  $PY -m hivis_testbed.tinyworld.evaluate runs/target-s2/model --n 200 --out runs/target-s2/metrics.json
   ship runs/target-s2/model $ASSETS/tiny-target runs/target-s2/metrics.json $(( $(date +%s) - t0 )) "bash scripts/build_assets.sh target"
 elif [[ $step == drafter ]]; then
   t0=$(date +%s)

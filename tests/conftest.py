@@ -15,7 +15,7 @@ def make_random_llava(out_dir, image_size=42, text_hidden=64, text_layers=1, see
     """A random-weight tiny LLaVA with the tiny world's tokenizer (9 image tokens at 42 px)."""
     from transformers import LlavaForConditionalGeneration
 
-    from vllm_hivis.tinyworld import build
+    from hivis_testbed.tinyworld import build
 
     torch.manual_seed(seed)
     tok = build.train_tokenizer(num_texts=300)
@@ -36,8 +36,8 @@ def synthetic_dataset(random_target, tmp_path_factory):
     """A drafter dataset in the real on-disk format, with random hidden states (no vLLM needed)."""
     from transformers import AutoTokenizer
 
-    from vllm_hivis.tinyworld.batches import answer_ids, prompt_ids
-    from vllm_hivis.tinyworld.dataset import sample
+    from hivis_testbed.tinyworld.batches import answer_ids, prompt_ids
+    from hivis_testbed.tinyworld.dataset import sample
     from vllm_hivis.train.data import Manifest, image_spans, tokenizer_fingerprint, write_shard
 
     out = tmp_path_factory.mktemp("dataset")
@@ -56,7 +56,8 @@ def synthetic_dataset(random_target, tmp_path_factory):
             ids = p + answer_ids(tok, s.qa.answer)
             recs.append({"id": f"{shard}-{i}", "kind": s.qa.kind, "mode": "greedy", "input_ids": torch.tensor(ids),
                          "prompt_len": len(p), "spans": image_spans(p, cfg["image_token_index"]),
-                         "hidden": torch.randn(len(ids), H, generator=g), "image_embeds": torch.randn(n_img, H, generator=g)})
+                         "hidden": torch.randn(len(ids), H, generator=g),
+                         "image_embeds": torch.randn(n_img, H, generator=g)})
         f = f"shard-{shard:05d}.safetensors"
         man.shards.append({"file": f, "samples": len(recs), "bytes": write_shard(out / f, recs)})
     man.save(out)

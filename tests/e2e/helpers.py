@@ -6,9 +6,9 @@ import json
 import os
 from pathlib import Path
 
-from vllm_hivis import assets
-from vllm_hivis.tinyworld.build import prompt_text
-from vllm_hivis.tinyworld.dataset import sample
+from hivis_testbed import assets
+from hivis_testbed.tinyworld.build import prompt_text
+from hivis_testbed.tinyworld.dataset import sample
 
 
 def image_size(model_dir=None) -> int:

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from vllm_hivis import assets
-from vllm_hivis.acceptance import from_llm_metrics
+from hivis_testbed import assets
+from vllm_hivis.serving.acceptance import from_llm_metrics
 
 from .helpers import engine, hivis_spec, prompt_set, token_ids
 

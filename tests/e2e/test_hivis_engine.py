@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from vllm_hivis import assets
-from vllm_hivis.acceptance import from_llm_metrics
-from vllm_hivis.tinyworld.dataset import sample
+from hivis_testbed import assets
+from hivis_testbed.tinyworld.dataset import sample
+from vllm_hivis.serving.acceptance import from_llm_metrics
 
 from .helpers import engine, hivis_spec, image_size, prompt_set, text_prompt, token_ids
 
@@ -45,12 +45,13 @@ def test_lossless_batch8(reference, hivis, greedy):
 
 def test_drafter_prefill_is_the_text_tokens(hivis, greedy):
     """Per request: drafter prefill rows == prompt tokens that are not image placeholders."""
-    n_img = json.load(open(f"{assets.tiny_target()}/config.json"))["image_seq_length"]
+    cfg = json.load(open(f"{assets.tiny_target()}/config.json"))
+    n_img = cfg["image_seq_length"]
     for p in prompt_set()[-3:] + prompt_set()[:1]:
         before = from_llm_metrics(hivis.get_metrics())
         out = hivis.generate([p], greedy, use_tqdm=False)[0]
         d = from_llm_metrics(hivis.get_metrics()).minus(before)
-        n_images = out.prompt_token_ids.count(json.load(open(f"{assets.tiny_target()}/config.json"))["image_token_index"]) // n_img
+        n_images = out.prompt_token_ids.count(cfg["image_token_index"]) // n_img
         text_tokens = len(out.prompt_token_ids) - n_images * n_img
         assert d.target_prefill_tokens == len(out.prompt_token_ids)
         assert d.drafter_prefill_tokens == text_tokens, p["prompt"]

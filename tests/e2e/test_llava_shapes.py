@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from vllm_hivis.acceptance import from_llm_metrics
-from vllm_hivis.checkpoint import DrafterSpec
-from vllm_hivis.drafter_torch import HiViSDrafter
+from vllm_hivis.method.checkpoint import DrafterSpec
+from vllm_hivis.serving.acceptance import from_llm_metrics
+from vllm_hivis.train.drafters import HiViSDrafter
 
 from .helpers import engine, token_ids
 
@@ -42,10 +42,16 @@ def llava_shaped_tokenizer():
 
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory):
-    from transformers import CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig, \
-        LlavaForConditionalGeneration, LlavaProcessor
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
 
-    from vllm_hivis.tinyworld.build import CHAT_TEMPLATE, save_llava
+    from hivis_testbed.tinyworld.build import CHAT_TEMPLATE, save_llava
 
     root = tmp_path_factory.mktemp("llava-1.5-7b-shapes")
     torch.manual_seed(0)

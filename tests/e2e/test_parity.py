@@ -7,16 +7,18 @@ import numpy as np
 import pytest
 import torch
 
-from vllm_hivis import assets
-from vllm_hivis.acceptance import from_llm_metrics
-from vllm_hivis.drafter_torch import HiViSDrafter
-from vllm_hivis.hide import is_dropped
-from vllm_hivis.trace import load_traces
-from vllm_hivis.train.data import PromptItem, image_spans
-from vllm_hivis.train.evaluate import Target, evaluate
+from hivis_testbed import assets
+from hivis_testbed.tinyworld.dataset import sample
+from vllm_hivis.method.hide import is_dropped
+from vllm_hivis.serving.acceptance import from_llm_metrics
+from vllm_hivis.serving.trace import load_traces
+from vllm_hivis.train.data import image_spans
+from vllm_hivis.train.drafters import HiViSDrafter
+from vllm_hivis.train.evaluate import evaluate
 from vllm_hivis.train.examples import make_example
+from vllm_hivis.train.prompts import PromptItem
+from vllm_hivis.train.target import HFTarget
 from vllm_hivis.train.trainer import frozen_target_parts
-from vllm_hivis.tinyworld.dataset import sample
 
 from .helpers import engine, hivis_spec, image_size, text_prompt
 
@@ -71,7 +73,7 @@ def traced_rows(traces, request_id):
 
 def test_training_examples_equal_what_the_drafter_saw(served):
     outs, _, traces = served
-    target = Target(assets.tiny_target())
+    target = HFTarget(assets.tiny_target())
     drafter = HiViSDrafter.from_pretrained(assets.tiny_drafter()).eval()
     embed, lm_head, _ = frozen_target_parts(assets.tiny_target())
     checked = 0

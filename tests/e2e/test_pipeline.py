@@ -9,8 +9,8 @@ import sys
 import pytest
 import torch
 
-from vllm_hivis import assets
-from vllm_hivis.checkpoint import read_spec
+from hivis_testbed import assets
+from vllm_hivis.method.checkpoint import read_spec
 from vllm_hivis.train.data import Manifest, load_records
 from vllm_hivis.train.generate import generate_dataset, parse_responses
 from vllm_hivis.train.losses import Recipe

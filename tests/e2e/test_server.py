@@ -4,18 +4,18 @@ losslessly, streaming included; bad input gets a clear error and the server keep
 import concurrent.futures
 import json
 import subprocess
+import urllib.request
 
 import openai
 import pytest
-import urllib.request
 
-from vllm_hivis import assets
-from vllm_hivis.acceptance import from_prometheus_text
-from vllm_hivis.demo import chat, image_data_url
-from vllm_hivis.serving import CPU_DEFAULTS, VLLMServer, vllm_executable
-from vllm_hivis.tinyworld.dataset import sample
+from hivis_testbed import assets
+from hivis_testbed.demo import chat
+from hivis_testbed.server import CPU_DEFAULTS, VLLMServer, vllm_executable
+from hivis_testbed.tinyworld.dataset import sample
+from vllm_hivis.serving.acceptance import from_prometheus_text
 
-from .helpers import image_size, hivis_spec
+from .helpers import hivis_spec, image_size
 
 pytestmark = pytest.mark.e2e
 
@@ -49,10 +49,10 @@ def stock_answers():
 def transformers_greedy(questions, images):
     from transformers import AutoTokenizer
 
-    from vllm_hivis.tinyworld.build import load_llava
-    from vllm_hivis.tinyworld.evaluate import greedy
+    from hivis_testbed.tinyworld.evaluate import greedy
+    from vllm_hivis.train.target import HFTarget
 
-    model = load_llava(assets.tiny_target())
+    model = HFTarget(assets.tiny_target()).hf
     return greedy(model, AutoTokenizer.from_pretrained(assets.tiny_target()), questions, images, max_new_tokens=128)
 
 
@@ -108,10 +108,10 @@ def test_vllm_serve_rejects_a_bad_hivis_config(tmp_path):
 
 
 def test_demo_runs_end_to_end():
-    """The README's main job: `vllm-hivis demo` serves, queries and reports acceptance."""
+    """The README's main job: `hivis-testbed demo` serves, queries and reports acceptance."""
     import sys
 
-    r = subprocess.run([sys.executable, "-m", "vllm_hivis.cli", "demo"], capture_output=True, text=True, timeout=600)
+    r = subprocess.run([sys.executable, "-m", "hivis_testbed", "demo"], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     out = r.stdout
     assert "ASSISTANT: There " in out and "(truth:" in out and "ASSISTANT (streamed):" in out

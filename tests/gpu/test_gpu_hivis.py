@@ -11,9 +11,9 @@ pytestmark = [pytest.mark.gpu,
 def test_hivis_is_lossless_on_gpu():
     from vllm import LLM, SamplingParams
 
-    from vllm_hivis import assets
-    from vllm_hivis.acceptance import from_llm_metrics
+    from hivis_testbed import assets
     from tests.e2e.helpers import prompt_set, token_ids
+    from vllm_hivis.serving.acceptance import from_llm_metrics
 
     greedy = SamplingParams(temperature=0.0, max_tokens=64)
     kw = dict(model=assets.tiny_target(), max_model_len=512, gpu_memory_utilization=0.3,

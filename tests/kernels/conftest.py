@@ -1,18 +1,19 @@
 """Shared setup for the Triton kernel tests.
 
-On CPU the kernels run under the Triton interpreter, which must be switched on BEFORE triton is
-first imported: this conftest is loaded before the test modules, so it sets TRITON_INTERPRET=1
-unless the caller chose otherwise (run with TRITON_INTERPRET=0 on a CUDA machine to test the
-compiled kernels).
+Without a CUDA GPU the kernels run under the Triton interpreter, which must be switched on BEFORE
+triton is first imported: scripts/test.sh runs this room in its own process with TRITON_INTERPRET=1
+on such machines (and 0 on a GPU, for the compiled kernels). This conftest only fills in the same
+choice when the variable is unset (a plain `pytest tests/kernels`).
 """
 
 import os
 import types
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
+import torch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+if "TRITON_INTERPRET" not in os.environ:
+    os.environ["TRITON_INTERPRET"] = "0" if torch.cuda.is_available() else "1"
 
 
 @pytest.fixture

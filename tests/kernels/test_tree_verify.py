@@ -7,8 +7,7 @@ pytest.importorskip("triton")
 import torch  # noqa: E402
 
 from vllm_hivis.kernels.tree_attention import tree_attention  # noqa: E402
-from vllm_hivis.kernels.tree_verify import (  # noqa: E402
-    accepted_path_slots, compact_kv, compact_kv_ref, tree_verify, tree_verify_ref)
+from vllm_hivis.kernels.tree_verify import accepted_path_slots, compact_kv, compact_kv_ref, tree_verify, tree_verify_ref  # noqa: E402
 
 
 def random_forest(num_reqs, num_nodes, vocab, gen):

@@ -6,9 +6,9 @@ import types
 import pytest
 import torch
 
-from vllm_hivis.checkpoint import DrafterSpec, read_spec
-from vllm_hivis.config import HiViSConfigError, check_against_target, check_user_dict
-from vllm_hivis.drafter_torch import HiViSDrafter
+from vllm_hivis.method.checkpoint import DrafterSpec, read_spec
+from vllm_hivis.serving.config import HiViSConfigError, check_against_target, check_user_dict
+from vllm_hivis.train.drafters import HiViSDrafter
 
 
 @pytest.fixture(scope="module")
@@ -66,20 +66,32 @@ def test_format_errors(tmp_path, drafter_dir):
         read_spec(tmp_path)
 
 
-def fake_target(multimodal=True, hidden=64, vocab=100):
-    return types.SimpleNamespace(model="fake-target", is_multimodal_model=multimodal,
+def fake_target(multimodal=True, hidden=64, vocab=100, mrope=False):
+    return types.SimpleNamespace(model="fake-target", is_multimodal_model=multimodal, uses_mrope=mrope,
                                  get_hidden_size=lambda: hidden, get_vocab_size=lambda: vocab)
 
 
+def fake_parallel(**kw):
+    return types.SimpleNamespace(**{"data_parallel_size": 1, "decode_context_parallel_size": 1,
+                                    "prefill_context_parallel_size": 1, **kw})
+
+
 def test_target_compatibility(drafter_dir):
-    spec = check_user_dict(ok(drafter_dir))
-    check_against_target(spec, drafter_dir, fake_target())
+    sc = ok(drafter_dir)
+    spec = check_user_dict(sc)
+    check_against_target(spec, sc, fake_target(), fake_parallel())
     with pytest.raises(HiViSConfigError, match="is not a multimodal model"):
-        check_against_target(spec, drafter_dir, fake_target(multimodal=False))
+        check_against_target(spec, sc, fake_target(multimodal=False))
+    with pytest.raises(HiViSConfigError, match="uses M-RoPE"):
+        check_against_target(spec, sc, fake_target(mrope=True))
     with pytest.raises(HiViSConfigError, match="hidden size 64 but target 'fake-target' has 4096"):
-        check_against_target(spec, drafter_dir, fake_target(hidden=4096))
+        check_against_target(spec, sc, fake_target(hidden=4096))
     with pytest.raises(HiViSConfigError, match="vocab size 100 but target 'fake-target' has 32064"):
-        check_against_target(spec, drafter_dir, fake_target(vocab=32064))
+        check_against_target(spec, sc, fake_target(vocab=32064))
+    with pytest.raises(HiViSConfigError, match="data parallelism yet"):
+        check_against_target(spec, sc, fake_target(), fake_parallel(data_parallel_size=2))
+    with pytest.raises(HiViSConfigError, match="decode context parallelism"):
+        check_against_target(spec, sc, fake_target(), fake_parallel(decode_context_parallel_size=2))
 
 
 def test_drafter_roundtrip(drafter_dir):

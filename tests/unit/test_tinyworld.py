@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from vllm_hivis.tinyworld import build, dataset, prompts
-from vllm_hivis.tinyworld.batches import pixels, prompt_ids
-from vllm_hivis.tinyworld.scenes import CELLS, blank_image, render
+from hivis_testbed.tinyworld import build, dataset, prompts
+from hivis_testbed.tinyworld.batches import pixels, prompt_ids
+from hivis_testbed.tinyworld.scenes import CELLS, blank_image, render
 
 
 def test_samples_are_deterministic_and_splits_differ():

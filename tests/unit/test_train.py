@@ -7,12 +7,15 @@ import numpy as np
 import pytest
 import torch
 
-from vllm_hivis.hide import as_spans, kept_rows
-from vllm_hivis.train.data import DataError, Manifest, image_spans, jsonl_prompts, load_records, read_shard
+from vllm_hivis.method.hide import as_spans, kept_rows
+from vllm_hivis.train.data import DataError, Manifest, image_spans, load_records, read_shard
+from vllm_hivis.train.drafters import build_drafter, load_drafter
 from vllm_hivis.train.examples import collate, make_example
-from vllm_hivis.train.generate import check_target, parse_responses
+from vllm_hivis.train.generate import parse_responses
 from vllm_hivis.train.losses import DraftLoss, Recipe, step_mask
-from vllm_hivis.train.trainer import TrainConfig, build_model, frozen_target_parts, train
+from vllm_hivis.train.prompts import jsonl_prompts, prompt_source, tinyworld_source
+from vllm_hivis.train.target import check_target
+from vllm_hivis.train.trainer import TrainConfig, frozen_target_parts, train
 
 
 def record(L=20, plen=12, span=(2, 6), H=8):
@@ -70,9 +73,10 @@ def parts(random_target):
 def test_every_kind_trains(synthetic_dataset, parts, kind):
     embed, head, tcfg = parts
     _, recs = load_records(synthetic_dataset)
-    batch = collate([make_example(r, kind) for r in recs[:4]])
-    recipe = Recipe.named("time-aware", kind=kind, unroll=3)
-    model = build_model(recipe, tcfg)
+    recipe = Recipe.named("seq-embed" if kind == "eagle" else "time-aware", kind=kind, unroll=3)
+    model = build_drafter(recipe, tcfg)
+    assert model.kind == kind
+    batch = collate([model.example(r) for r in recs[:4]])
     loss, stats = DraftLoss(model, embed, head, recipe)(batch)
     loss.backward()
     grads = [p.grad for p in model.parameters() if p.requires_grad]
@@ -81,17 +85,56 @@ def test_every_kind_trains(synthetic_dataset, parts, kind):
     assert 0 <= stats["reach2"] <= stats["reach1"] <= stats["reach0"] == 1.0
 
 
+@pytest.mark.parametrize("kind", ["hivis", "text", "eagle", "vispec"])
+def test_every_kind_exports_and_loads_back(synthetic_dataset, parts, kind, tmp_path):
+    """The drafter interface end to end: build, export in the kind's serving format, load_drafter
+    recognises the kind and computes the same features (fp16 export: close, not equal)."""
+    embed, head, tcfg = parts
+    _, recs = load_records(synthetic_dataset)
+    recipe = Recipe.named("seq-embed" if kind == "eagle" else "step-bias", kind=kind, unroll=2)
+    torch.manual_seed(0)
+    model = build_drafter(recipe, tcfg).eval()
+    out = model.export(tmp_path / "d", provenance={"test": True}, target="t")
+    back = load_drafter(out)
+    assert back.kind == kind
+    batch = collate([model.example(r) for r in recs[:2]])
+    with torch.no_grad():
+        feats = []
+        for m in (model, back):
+            emb, fuse = m.inputs(batch, embed)
+            feats.append(m.core(emb, fuse(batch["features"]), batch["positions"], steps=1))
+    torch.testing.assert_close(feats[0], feats[1], atol=3e-2, rtol=3e-2)
+
+
+def test_kind_recipe_conflicts_fail_before_any_work(synthetic_dataset, random_target, tmp_path):
+    """`train --kind eagle` with the default recipe used to train to the end and fail in export."""
+    import subprocess
+    import sys
+
+    with pytest.raises(ValueError, match="no step-bias"):
+        Recipe.named("time-aware", kind="eagle")
+    r = subprocess.run([sys.executable, "-m", "vllm_hivis.cli", "train", "--data", synthetic_dataset, "--target",
+                        random_target, "--out", str(tmp_path / "run"), "--kind", "eagle"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "no step-bias residuals" in r.stderr
+    assert not (tmp_path / "run").exists()  # nothing started
+    r = subprocess.run([sys.executable, "-m", "vllm_hivis.cli", "train", "--data", synthetic_dataset, "--target",
+                        random_target, "--out", str(tmp_path / "run"), "--steps", "0"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "steps must be >= 1" in r.stderr
+
+
 def test_recipe_switches(synthetic_dataset, parts):
     embed, head, tcfg = parts
     _, recs = load_records(synthetic_dataset)
     batch = collate([make_example(r, "hivis") for r in recs])
     single = Recipe.named("single-step")
     torch.manual_seed(0)
-    _, s1 = DraftLoss(build_model(single, tcfg), embed, head, single)(batch)
+    _, s1 = DraftLoss(build_drafter(single, tcfg), embed, head, single)(batch)
     assert set(k for k in s1 if k.startswith("ce")) == {"ce0"}
     sel = Recipe.named("data-selection", unroll=3)
     torch.manual_seed(0)
-    _, s3 = DraftLoss(build_model(sel, tcfg), embed, head, sel)(batch)
+    _, s3 = DraftLoss(build_drafter(sel, tcfg), embed, head, sel)(batch)
     # an untrained drafter is rarely right, so few chains survive selection to step 2
     assert s3["reach2"] < 0.5 and abs(s3["ce0"] - s1["ce0"]) < 1e-5
     assert Recipe.named("step-bias").step_bias and not Recipe.named("seq-embed").step_bias
@@ -168,12 +211,10 @@ def test_sources_and_storage(synthetic_dataset, tmp_path):
 def test_evaluation_between_training_runs(synthetic_dataset, random_target, tmp_path):
     """The ablation trains, evaluates, trains again: evaluation must not leave grad mode off."""
     from vllm_hivis.train.evaluate import evaluate
-    from vllm_hivis.train.generate import prompt_source
 
     train(cfg(synthetic_dataset, random_target, tmp_path / "a"))
     size = json.loads(open(f"{random_target}/config.json").read())["vision_config"]["image_size"]
-    items = prompt_source({"kind": "tinyworld", "split": "test", "start": 0, "count": 1, "image_size": size,
-                           "prompt_kind": "describe"})
+    items = prompt_source(tinyworld_source("test:0:1", size, "describe"))
     acc, outs = evaluate(random_target, str(tmp_path / "a" / "drafter"), items, k=2, max_tokens=6, progress=False)
     assert len(outs) == 1 and 1 <= len(outs[0]) <= 6 and acc.num_drafts >= 1
     assert torch.is_grad_enabled()

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-from ..drafter_torch import HiViSDrafter
+from .drafters import HiViSDrafter
 
 
 class ImageAdaptor(nn.Module):
@@ -39,6 +39,10 @@ class ImageAdaptor(nn.Module):
 
 
 class ViSpecDrafter(nn.Module):
+    """The ViSpec-style drafter; implements the drafter interface of drafters.py."""
+
+    kind = "vispec"
+
     def __init__(self, drafter: HiViSDrafter, num_q: int = 2):
         super().__init__()
         H = drafter.config.hidden_size
@@ -48,6 +52,21 @@ class ViSpecDrafter(nn.Module):
         with torch.no_grad():  # start as plain EAGLE: pass f through, ignore g
             self.img_fc.weight.zero_()
             self.img_fc.weight[:, :H] = torch.eye(H)
+
+    @property
+    def core(self) -> HiViSDrafter:
+        return self.drafter
+
+    def example(self, rec: dict) -> dict:
+        from .examples import make_example
+
+        return make_example(rec, "vispec", self.num_q)
+
+    def inputs(self, batch: dict, embed: nn.Embedding):
+        """(embeddings [B, N, H] with the adaptor rows in place, fuse: features -> image-fused features)."""
+        adapted = self.adapt(batch)
+        emb = self.adaptor_embeds(embed(batch["input_ids"].clamp(min=0)), adapted, batch["is_adaptor"])
+        return emb, lambda features: self.fuse(features, adapted, batch["after_image"])
 
     def adapt(self, batch: dict) -> torch.Tensor:
         """[B, num_q, H] adapted image vectors of a collated batch."""
@@ -69,13 +88,17 @@ class ViSpecDrafter(nn.Module):
             out[b, rows] = adapted[b, : len(rows)].to(out.dtype)
         return out
 
-    def save(self, out_dir: str) -> None:
+    def export(self, out_dir: str, provenance: dict | None = None, target: str | None = None) -> Path:
+        """The offline bundle (ViSpec-style drafters are not served): drafter/ + the adaptor."""
         out = Path(out_dir)
         self.drafter.save_pretrained(out / "drafter", dtype=torch.float32)
         extra = {k: v.detach().float().contiguous() for k, v in self.state_dict().items()
                  if not k.startswith("drafter.")}
         save_file(extra, str(out / "vispec.safetensors"))
-        (out / "vispec.json").write_text(json.dumps({"kind": "vispec", "num_q": self.num_q}) + "\n")
+        (out / "vispec.json").write_text(json.dumps({"kind": "vispec", "num_q": self.num_q, "target": target}) + "\n")
+        if provenance is not None:
+            (out / "provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")
+        return out
 
     @classmethod
     def load(cls, path: str) -> ViSpecDrafter:

@@ -1,4 +1,4 @@
-"""Target-generated drafter training data: prompts, the target's answers, its hidden states.
+"""Target-generated drafter training data: records of the target's answers and hidden states, in shards.
 
 A record is one (prompt, answer) pair:
     input_ids     [L] int32   the target's full sequence: prompt (image placeholders expanded) + answer
@@ -34,55 +34,6 @@ HIDDEN_CONVENTION = "last-layer hidden state after the final norm, at every targ
 
 class DataError(ValueError):
     """Bad training data or data source (message says what and what is expected)."""
-
-
-@dataclasses.dataclass
-class PromptItem:
-    id: str
-    question: str
-    image: object | None = None  # PIL image, a path, or None for a text-only prompt
-    kind: str = "custom"
-
-    def chat_text(self, processor) -> str:
-        """The target's chat-template prompt for this item (one image placeholder if it has an image):
-        what vLLM is sent for data generation and what the offline evaluator tokenizes."""
-        content = ([{"type": "image"}] if self.image is not None else []) + [{"type": "text", "text": self.question}]
-        return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
-                                             tokenize=False)
-
-
-def tinyworld_prompts(split: str, start: int, count: int, image_size: int, kind: str = "mix") -> list[PromptItem]:
-    from ..tinyworld.dataset import sample
-
-    out = []
-    for i in range(start, start + count):
-        s = sample(split, i, image_size, kind=kind)
-        out.append(PromptItem(id=f"{split}-{i}", question=s.qa.question, image=s.image, kind=s.qa.kind))
-    return out
-
-
-def jsonl_prompts(path: str | os.PathLike) -> list[PromptItem]:
-    """``{"image": "<path or null>", "prompt": "<question>", "id": optional}`` per line."""
-    items = []
-    base = Path(path).parent
-    for n, line in enumerate(Path(path).read_text().splitlines()):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            q = row["prompt"]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise DataError(f"{path}:{n + 1}: expected a JSON object with 'prompt' (and optionally 'image', "
-                            f"'id'), got {line[:80]!r}") from None
-        img = row.get("image")
-        if img is not None:
-            img = Path(img) if Path(img).is_absolute() else base / img
-            if not img.is_file():
-                raise DataError(f"{path}:{n + 1}: image {str(img)!r} not found")
-        items.append(PromptItem(id=str(row.get("id", n)), question=q, image=img))
-    if not items:
-        raise DataError(f"{path} holds no prompts")
-    return items
 
 
 def image_spans(prompt_ids: list[int], image_token_id: int) -> np.ndarray:
@@ -132,7 +83,8 @@ def write_shard(path: Path, records: list[dict]) -> int:
     except OSError as e:
         tmp.unlink(missing_ok=True)
         if e.errno == errno.ENOSPC:
-            raise DataError(f"disk full while writing {path}; free space on {path.parent} or pass another --out") from None
+            raise DataError(f"disk full while writing {path}; free space on {path.parent} or pass another "
+                            "--out") from None
         raise
     return path.stat().st_size
 
@@ -145,10 +97,10 @@ def read_shard(path: str | os.PathLike) -> list[dict]:
         meta = f.metadata()
     ids, kinds, modes = (json.loads(meta[k]) for k in ("ids", "kinds", "modes"))
     split = lambda x, n: torch.split(x, n.tolist())  # noqa: E731
+    cols = zip(ids, kinds, modes, split(t["input_ids"], t["lengths"]), split(t["hidden"], t["lengths"]),
+               split(t["image_embeds"], t["image_rows"]), split(t["spans"], t["num_spans"]), t["prompt_len"])
     return [dict(id=i, kind=k, mode=m, input_ids=a, hidden=h, image_embeds=e, spans=s.numpy(), prompt_len=int(p))
-            for i, k, m, a, h, e, s, p in zip(ids, kinds, modes, split(t["input_ids"], t["lengths"]),
-                                              split(t["hidden"], t["lengths"]), split(t["image_embeds"], t["image_rows"]),
-                                              split(t["spans"], t["num_spans"]), t["prompt_len"])]
+            for i, k, m, a, h, e, s, p in cols]
 
 
 @dataclasses.dataclass

@@ -9,8 +9,7 @@ features, draft rows the drafter's own), the target verifies them in one forward
 longest prefix matching the target's argmax is accepted plus one bonus token. Counting follows
 vLLM's scheduler exactly: one draft per verification step, k draft tokens, accepted tokens =
 sampled tokens - 1 (counted before stop truncation). The result is an `Acceptance`, the same
-object `vllm_hivis.acceptance` builds from vLLM's counters, so the two compare directly.
-Tree drafting plugs in by replacing `draft_chain` and the acceptance rule of `verify`.
+object `vllm_hivis.serving.acceptance` builds from vLLM's counters, so the two compare directly.
 """
 
 from __future__ import annotations
@@ -21,94 +20,47 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ..acceptance import Acceptance
-from ..checkpoint import DrafterSpec
-from ..drafter_torch import HiViSDrafter
-from .baselines import ViSpecDrafter
-from .data import PromptItem, image_spans
-from .examples import make_example
+from ..serving.acceptance import Acceptance
+from .data import image_spans
+from .drafters import load_drafter
+from .prompts import PromptItem, prompt_source, tinyworld_source
+from .target import HFTarget, check_target
 from .trainer import frozen_target_parts
 
 
-def load_drafter(path: str) -> tuple[torch.nn.Module, str]:
-    """(model, kind) for a hivis/text drafter, a vLLM EAGLE head or a ViSpec-style bundle."""
-    p = Path(path)
-    if (p / "vispec.json").is_file():
-        return ViSpecDrafter.load(str(p)).eval(), "vispec"
-    cfg = json.loads((p / "config.json").read_text())
-    if "hivis" in cfg:
-        d = HiViSDrafter.from_pretrained(p).eval()
-        return d, "hivis" if d.spec.uses_target_features else "text"
-    from safetensors.torch import load_file
-    from transformers import LlamaConfig
-
-    spec = DrafterSpec(hidden_size=cfg["hidden_size"], vocab_size=cfg["vocab_size"])
-    d = HiViSDrafter(LlamaConfig(**cfg), spec)
-    d.load_state_dict({k: v.float() for k, v in load_file(str(p / "model.safetensors")).items()}, strict=False)
-    return d.eval(), "eagle"
-
-
-class Target:
-    """The target VLM in transformers with a KV cache; returns post-norm hidden states + logits."""
-
-    def __init__(self, target_dir: str):
-        from transformers import AutoProcessor, LlavaForConditionalGeneration
-
-        self.hf = LlavaForConditionalGeneration.from_pretrained(target_dir, dtype=torch.float32,
-                                                                local_files_only=True).eval()
-        self.processor = AutoProcessor.from_pretrained(target_dir, local_files_only=True)
-        self.image_token_id = self.hf.config.image_token_index
-        self.eos = self.processor.tokenizer.eos_token_id
-
-    def encode(self, item: PromptItem):
-        text = item.chat_text(self.processor)
-        enc = self.processor(images=item.image, text=text, return_tensors="pt", add_special_tokens=False) \
-            if item.image is not None else self.processor.tokenizer(text, return_tensors="pt", add_special_tokens=False)
-        return enc["input_ids"][0], enc.get("pixel_values")
-
-    @torch.no_grad()
-    def forward(self, ids: torch.Tensor, cache, pixel_values=None):
-        # ids: [T] new tokens -> (hidden [T, H], argmax [T], image embeds [N, H] or None)
-        out = self.hf.model(input_ids=ids[None], past_key_values=cache, use_cache=True, pixel_values=pixel_values)
-        h = out.last_hidden_state[0]
-        img = out.image_hidden_states
-        return h, self.hf.lm_head(h).argmax(-1), None if img is None else img.reshape(-1, h.shape[-1])
+def append_row(ex: dict, token: int, feature: torch.Tensor, step: int) -> dict:
+    """The example with one more drafting row: input token `token`, feature `feature` [H] (the
+    drafter's own output), the next drafter position and draft step `step`. Every other per-row
+    field repeats the last row (a draft row is a text row after the prompt), whatever the kind."""
+    out = {}
+    for key, v in ex.items():
+        if key == "image_embeds":
+            out[key] = v
+            continue
+        new = {"input_ids": torch.tensor([token]), "positions": v[-1:] + 1, "features": feature[None].to(v.dtype),
+               "steps": torch.tensor([step])}.get(key, v[-1:])
+        out[key] = torch.cat([v, new.to(v.dtype)])
+    return out
 
 
 @torch.no_grad()
-def draft_chain(drafter, kind: str, embed, lm_head, ids: torch.Tensor, hidden: torch.Tensor, spans, image_embeds,
+def draft_chain(drafter, embed, lm_head, ids: torch.Tensor, hidden: torch.Tensor, spans, image_embeds,
                 k: int) -> list[int]:
     """k greedy drafts from the verified state: ids [T+1] (last = token not yet verified), hidden [T, H]."""
     H = hidden.shape[1]
     rec = {"input_ids": ids, "hidden": torch.cat([hidden, hidden.new_zeros(1, H)]), "prompt_len": len(ids),
            "spans": spans, "image_embeds": image_embeds if image_embeds is not None else hidden.new_zeros(0, H)}
-    ex = make_example(rec, kind)
-    model = drafter
-    d = getattr(model, "drafter", model)
-    emb = embed(ex["input_ids"].clamp(min=0))[None]
-    feats, pos = ex["features"][None], ex["positions"][None]
-    fuse = lambda f: f  # noqa: E731
-    if kind == "vispec":
-        batch = {"image_embeds": ex["image_embeds"][None]}
-        adapted = model.adapt(batch)
-        emb = model.adaptor_embeds(emb, adapted, ex["is_adaptor"][None])
-        after = ex["after_image"][None]
-        fuse = lambda f: model.fuse(f, adapted, after)  # noqa: E731
-    steps = torch.zeros_like(pos)
-    out = d(emb, fuse(feats), pos, steps=steps)
+    ex = drafter.example(rec)
+    ex["steps"] = torch.zeros_like(ex["positions"])
     drafts = []
     for step in range(1, k + 1):
+        batch = {key: v[None] for key, v in ex.items()}
+        emb, fuse = drafter.inputs(batch, embed)
+        out = drafter.core(emb, fuse(batch["features"]), batch["positions"], steps=batch["steps"])
         tok = int(lm_head(out[0, -1]).argmax())
         drafts.append(tok)
-        if step == k:
-            break
-        emb = torch.cat([emb, embed(torch.tensor([[tok]]))], 1)
-        feats = torch.cat([feats, out[:, -1:]], 1)
-        pos = torch.cat([pos, pos[:, -1:] + 1], 1)
-        steps = torch.cat([steps, torch.full_like(steps[:, -1:], step)], 1)
-        if kind == "vispec":
-            after = torch.cat([after, after[:, -1:]], 1)
-        out = d(emb, fuse(feats), pos, steps=steps)
+        if step < k:
+            ex = append_row(ex, tok, out[0, -1], step)
     return drafts
 
 
@@ -121,7 +73,7 @@ def verify(drafts: list[int], target_argmax: torch.Tensor) -> int:
 
 
 @torch.no_grad()
-def replay(target: Target, drafter, kind: str, embed, lm_head, item: PromptItem, k: int, max_tokens: int):
+def replay(target: HFTarget, drafter, embed, lm_head, item: PromptItem, k: int, max_tokens: int):
     """One request: returns (generated token ids, per-step accepted counts)."""
     from transformers import DynamicCache
 
@@ -133,7 +85,7 @@ def replay(target: Target, drafter, kind: str, embed, lm_head, item: PromptItem,
     generated, accepted = [int(argmax[-1])], []
     done = generated[-1] == target.eos or max_tokens <= 1
     while not done:
-        drafts = draft_chain(drafter, kind, embed, lm_head, ids, hidden, spans, img, k)
+        drafts = draft_chain(drafter, embed, lm_head, ids, hidden, spans, img, k)
         h_new, am, _ = target.forward(torch.tensor([int(ids[-1]), *drafts]), cache)
         a = verify(drafts, am)
         accepted.append(a)
@@ -152,14 +104,14 @@ def replay(target: Target, drafter, kind: str, embed, lm_head, item: PromptItem,
 @torch.no_grad()  # scoped: the trainer calls this between training runs (ablation)
 def evaluate(target_dir: str, drafter_path: str, items: list[PromptItem], k: int = 5, max_tokens: int = 160,
              progress: bool = True) -> tuple[Acceptance, list[list[int]]]:
-    target = Target(target_dir)
-    drafter, kind = load_drafter(drafter_path)
+    target = HFTarget(target_dir)
+    drafter = load_drafter(drafter_path)
     embed, lm_head, _ = frozen_target_parts(target_dir)
     per_pos = [0.0] * k
     drafts = acc = 0
     outputs = []
-    for it in tqdm(items, desc=f"replay {kind}", disable=not progress):
-        gen, accepted = replay(target, drafter, kind, embed, lm_head, it, k, max_tokens)
+    for it in tqdm(items, desc=f"replay {drafter.kind}", disable=not progress):
+        gen, accepted = replay(target, drafter, embed, lm_head, it, k, max_tokens)
         outputs.append(gen)
         drafts += len(accepted)
         acc += sum(accepted)
@@ -172,8 +124,6 @@ def evaluate(target_dir: str, drafter_path: str, items: list[PromptItem], k: int
 def main(argv=None) -> int:
     import argparse
 
-    from .generate import check_target, prompt_source
-
     ap = argparse.ArgumentParser(prog="vllm-hivis evaluate", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--target", required=True)
@@ -185,9 +135,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", help="write the summary JSON here")
     args = ap.parse_args(argv)
     cfg = check_target(args.target)
-    split, start, count = args.tinyworld.split(":")
-    items = prompt_source({"kind": "tinyworld", "split": split, "start": int(start), "count": int(count),
-                           "image_size": int(cfg["vision_config"]["image_size"]), "prompt_kind": args.prompt_kind})
+    items = prompt_source(tinyworld_source(args.tinyworld, cfg["vision_config"]["image_size"], args.prompt_kind))
     acc, _ = evaluate(args.target, args.drafter, items, args.num_speculative_tokens, args.max_tokens)
     text = json.dumps({"drafter": args.drafter, "prompts": args.tinyworld, "k": args.num_speculative_tokens,
                        **acc.summary()}, indent=2)

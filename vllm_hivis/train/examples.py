@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from ..hide import kept_rows
+from ..method.hide import kept_rows
 
 KINDS = ("hivis", "text", "eagle", "vispec")
 IGNORE = -100

@@ -12,7 +12,6 @@ existing shard files are skipped, so an interrupted run resumes where it stopped
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -20,24 +19,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .data import (DataError, Manifest, PromptItem, image_spans, jsonl_prompts, read_shard, tinyworld_prompts,
-                   tokenizer_fingerprint, write_shard)
+from .data import DataError, Manifest, image_spans, read_shard, tokenizer_fingerprint, write_shard
+from .prompts import PromptItem, jsonl_source, num_prompts, prompt_source, tinyworld_source
+from .target import HFTarget, check_target
 
 # Disk estimate per record: prompt (image rows included) + answer rows, each stored twice at most
 # (hidden state, image embedding), fp16.
 EST_PROMPT_ROWS = 600
-
-
-def check_target(target_dir: str) -> dict:
-    """The target must be a local multimodal (LLaVA-style) model directory."""
-    p = Path(target_dir) / "config.json"
-    if not p.is_file():
-        raise DataError(f"target {target_dir!r} is not a model directory (no config.json)")
-    cfg = json.loads(p.read_text())
-    if "vision_config" not in cfg or "text_config" not in cfg:
-        raise DataError(f"target {target_dir!r} is not a vision-language model (config.json has no "
-                        "vision_config/text_config); hivis drafters are made for VLMs such as LLaVA")
-    return cfg
 
 
 def parse_responses(spec: str) -> list[dict]:
@@ -56,54 +44,23 @@ def parse_responses(spec: str) -> list[dict]:
     return out
 
 
-def num_prompts(source: dict) -> int:
-    if source["kind"] == "tinyworld":
-        return int(source["count"])
-    if source["kind"] == "jsonl":
-        return len(jsonl_prompts(source["path"]))
-    raise DataError(f"unknown prompt source {source['kind']!r}; expected 'tinyworld' or 'jsonl'")
-
-
-def prompt_source(source: dict, start: int = 0, stop: int | None = None) -> list[PromptItem]:
-    """Prompts [start, stop) of a source; images are loaded (PIL) and checked."""
-    from PIL import Image
-
-    stop = num_prompts(source) if stop is None else stop
-    if source["kind"] == "tinyworld":
-        items = tinyworld_prompts(source["split"], source["start"] + start, stop - start, source["image_size"],
-                                  source.get("prompt_kind", "mix"))
-    else:
-        items = jsonl_prompts(source["path"])[start:stop]
-    for it in items:
-        if isinstance(it.image, (str, Path)):
-            try:
-                it.image = Image.open(it.image).convert("RGB")
-            except OSError as e:
-                raise DataError(f"prompt {it.id}: cannot read image {str(it.image)!r}: {e}") from None
-    return items
-
-
 class TargetWorker:
     """One target on one device: vLLM for the answers, transformers for the hidden states."""
 
     def __init__(self, target_dir: str, responses: list[dict], max_tokens: int = 160, seed: int = 0):
-        from transformers import AutoProcessor, LlavaForConditionalGeneration
         from vllm import LLM
 
-        cfg = check_target(target_dir)
-        self.image_token_id = int(cfg["image_token_index"])
+        check_target(target_dir)
         self.responses, self.max_tokens, self.seed = responses, max_tokens, seed
         cuda = torch.cuda.is_available()
-        self.device = "cuda" if cuda else "cpu"
         self.llm = LLM(model=target_dir, dtype="auto" if cuda else "float32", max_model_len=1024,
                        enforce_eager=not cuda, seed=seed, limit_mm_per_prompt={"image": 4},
                        gpu_memory_utilization=0.9 if cuda else 0.25)
-        self.processor = AutoProcessor.from_pretrained(target_dir, local_files_only=True)
-        self.hf = LlavaForConditionalGeneration.from_pretrained(
-            target_dir, dtype=torch.float32 if not cuda else torch.bfloat16, local_files_only=True).to(self.device).eval()
+        self.target = HFTarget(target_dir, dtype=torch.bfloat16 if cuda else torch.float32,
+                               device="cuda" if cuda else "cpu")
 
     def prompt(self, item: PromptItem) -> dict:
-        text = item.chat_text(self.processor)
+        text = item.chat_text(self.target.processor)
         if item.image is None:
             return {"prompt": text}
         return {"prompt": text, "multi_modal_data": {"image": item.image}}
@@ -121,30 +78,15 @@ class TargetWorker:
                                  SamplingParams(temperature=r["temperature"], max_tokens=self.max_tokens, seed=seed)))
         outs = self.llm.generate([j[1] for j in jobs], [j[3] for j in jobs], use_tqdm=False)
         records = []
-        for (it, p, mode, _), o in zip(jobs, outs):
+        for (it, _, mode, _), o in zip(jobs, outs):
             prompt_ids = list(o.prompt_token_ids)
-            ids = prompt_ids + list(o.outputs[0].token_ids)
-            records.append({"id": it.id, "kind": it.kind, "mode": mode, "input_ids": torch.tensor(ids),
-                            "prompt_len": len(prompt_ids), "spans": image_spans(prompt_ids, self.image_token_id),
-                            "image": it.image})
-        for rec in records:
-            self._hidden(rec)
+            ids = torch.tensor(prompt_ids + list(o.outputs[0].token_ids))
+            spans = image_spans(prompt_ids, self.target.image_token_id)
+            hidden, image_embeds = self.target.hidden_states(ids, it.image)
+            assert len(image_embeds) == int(np.sum(spans[:, 1])), "image rows != placeholder rows"
+            records.append({"id": it.id, "kind": it.kind, "mode": mode, "input_ids": ids, "prompt_len": len(prompt_ids),
+                            "spans": spans, "hidden": hidden, "image_embeds": image_embeds})
         return records
-
-    @torch.no_grad()
-    def _hidden(self, rec: dict) -> None:
-        ids = rec["input_ids"][None].to(self.device)
-        kw = {}
-        image = rec.pop("image")
-        if image is not None:
-            img = self.processor.image_processor(images=[image], return_tensors="pt")
-            kw["pixel_values"] = img["pixel_values"].to(self.device, self.hf.dtype)
-        out = self.hf.model(input_ids=ids, **kw)
-        rec["hidden"] = out.last_hidden_state[0].float().cpu()
-        feats = out.image_hidden_states
-        H = rec["hidden"].shape[1]
-        rec["image_embeds"] = feats.reshape(-1, H).float().cpu() if feats is not None else torch.zeros(0, H)
-        assert len(rec["image_embeds"]) == int(np.sum(rec["spans"][:, 1])), "image rows != placeholder rows"
 
     def __call__(self, batch: dict) -> dict:
         """Ray Data entry: generate and write the shards named in the batch."""
@@ -169,7 +111,8 @@ def plan_shards(out: Path, source: dict, num_items: int, shard_size: int) -> lis
 
 
 def generate_dataset(target_dir: str, out_dir: str, source: dict, responses: list[dict], shard_size: int = 256,
-                     workers: int = 0, max_tokens: int = 160, seed: int = 0, worker_resources: dict | None = None) -> Manifest:
+                     workers: int = 0, max_tokens: int = 160, seed: int = 0,
+                     worker_resources: dict | None = None) -> Manifest:
     """Generate (or resume) a dataset. workers=0: in this process; workers>=1: Ray Data actors."""
     cfg = check_target(target_dir)
     out = Path(out_dir)
@@ -232,14 +175,10 @@ def main(argv=None) -> int:
     ap.add_argument("--max-tokens", type=int, default=160)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
-    if args.tinyworld:
-        split, start, count = args.tinyworld.split(":")
-        cfg = check_target(args.target)
-        source = {"kind": "tinyworld", "split": split, "start": int(start), "count": int(count),
-                  "image_size": int(cfg["vision_config"]["image_size"]), "prompt_kind": args.prompt_kind}
-    else:
-        source = {"kind": "jsonl", "path": str(Path(args.jsonl).resolve())}
     try:
+        cfg = check_target(args.target)
+        source = (tinyworld_source(args.tinyworld, cfg["vision_config"]["image_size"], args.prompt_kind)
+                  if args.tinyworld else jsonl_source(args.jsonl))
         man = generate_dataset(args.target, args.out, source, parse_responses(args.responses), args.shard_size,
                                args.workers, args.max_tokens, args.seed)
     except DataError as e:

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 @dataclasses.dataclass
 class Recipe:
-    kind: str = "hivis"  # hivis | text | eagle | vispec (examples.py)
+    kind: str = "hivis"  # hivis | text | eagle | vispec (examples.py, drafters.py)
     unroll: int = 1  # K drafting steps simulated per anchor (1 = single-step baseline)
     step_decay: float = 0.8  # fixed step weights w_k = decay^k (when not time_aware)
     dynamic_selection: bool = False
@@ -50,7 +50,22 @@ class Recipe:
             raise ValueError(f"unknown recipe {name!r}; expected one of {ladder}")
         n = ladder.index(name)
         return cls(kind=kind, unroll=1 if n == 0 else unroll, dynamic_selection=n >= 2,
-                   seq_embed_supervision=n >= 3, step_bias=n >= 4, time_aware=n >= 5)
+                   seq_embed_supervision=n >= 3, step_bias=n >= 4, time_aware=n >= 5).checked()
+
+    def checked(self) -> Recipe:
+        """The recipe, if every drafter of its kind can be trained *and exported* with it (raises
+        ValueError before any work starts otherwise)."""
+        kinds = ("hivis", "text", "eagle", "vispec")
+        if self.kind not in kinds:
+            raise ValueError(f"unknown drafter kind {self.kind!r}; expected one of {kinds}")
+        if self.unroll < 1:
+            raise ValueError(f"unroll must be >= 1 (drafting steps simulated per anchor), got {self.unroll}")
+        if self.kind == "eagle" and self.step_bias:
+            raise ValueError("kind 'eagle' is exported in vLLM's own EAGLE head format, which has no step-bias "
+                             "residuals: use a recipe without them (--recipe seq-embed or lower)")
+        if self.kind == "vispec" and self.num_q < 1:
+            raise ValueError(f"num_q must be >= 1 for kind 'vispec', got {self.num_q}")
+        return self
 
 
 def step_mask(valid: torch.Tensor, k: int) -> torch.Tensor:
@@ -78,18 +93,13 @@ class DraftLoss(torch.nn.Module):
 
 
 def unrolled_loss(model, embed, lm_head, batch: dict, recipe: Recipe) -> tuple[torch.Tensor, dict]:
-    """Loss of one collated batch; `model` is a HiViSDrafter or a ViSpecDrafter."""
+    """Loss of one collated batch; `model` is any drafter of the interface in drafters.py."""
     from transformers import DynamicCache
 
-    drafter = getattr(model, "drafter", model)
+    drafter = model.core
     valid, pos = batch["valid"], batch["positions"]
-    emb = embed(batch["input_ids"].clamp(min=0))
+    emb, fuse = model.inputs(batch, embed)
     feats = batch["features"]
-    fuse = lambda f: f  # noqa: E731
-    if recipe.kind == "vispec":
-        adapted = model.adapt(batch)
-        emb = model.adaptor_embeds(emb, adapted, batch["is_adaptor"])
-        fuse = lambda f: model.fuse(f, adapted, batch["after_image"])  # noqa: E731
     with torch.no_grad():
         target_logp = F.log_softmax(lm_head(batch["target_feats"]).float(), -1)
     tgt_ids, loss_rows, anchors = batch["target_ids"], batch["loss_mask"], batch["anchor_ok"]

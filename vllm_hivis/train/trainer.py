@@ -22,12 +22,11 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
-from ..checkpoint import DrafterSpec
-from ..drafter_torch import HiViSDrafter
-from .baselines import ViSpecDrafter, export_eagle
 from .data import DataError, Manifest, load_records, tokenizer_fingerprint
-from .examples import collate, make_example
+from .drafters import build_drafter
+from .examples import collate
 from .losses import DraftLoss, Recipe
+from .target import check_target
 
 
 @dataclasses.dataclass
@@ -66,14 +65,6 @@ def frozen_target_parts(target_dir: str) -> tuple[torch.nn.Embedding, torch.nn.L
     return emb, head, cfg
 
 
-def build_model(recipe: Recipe, text_config: dict):
-    spec = DrafterSpec(hidden_size=text_config["hidden_size"], vocab_size=text_config["vocab_size"],
-                       step_bias_steps=max(0, recipe.unroll - 1) if recipe.step_bias and recipe.kind != "text" else 0,
-                       uses_target_features=recipe.kind != "text")
-    d = HiViSDrafter.for_target(text_config, spec)
-    return ViSpecDrafter(d, recipe.num_q) if recipe.kind == "vispec" else d
-
-
 def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
     if step < warmup:
         return peak * (step + 1) / warmup
@@ -95,18 +86,12 @@ def _loop(cfg_dict: dict) -> None:
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out)
     man, records = load_records(cfg.data, cfg.max_records)
-    if man.tokenizer != tokenizer_fingerprint(cfg.target):
-        raise DataError(f"dataset {cfg.data} was generated with another tokenizer than target {cfg.target}; "
-                        "regenerate the data with this target")
     embed, lm_head, tcfg = frozen_target_parts(cfg.target)
-    if embed.num_embeddings != man.vocab_size or embed.embedding_dim != man.hidden_size:
-        raise DataError(f"dataset {cfg.data} is for hidden/vocab {man.hidden_size}/{man.vocab_size}, target "
-                        f"{cfg.target} has {embed.embedding_dim}/{embed.num_embeddings}")
-    examples = [make_example(r, recipe.kind, recipe.num_q) for r in records[rank::world]]
+    model = build_drafter(recipe, tcfg["text_config"])
+    examples = [model.example(r) for r in records[rank::world]]
     examples = [e for e in examples if e["loss_mask"].any()]
     if not examples:
         raise DataError(f"dataset {cfg.data} has no answer tokens to train on")
-    model = build_model(recipe, tcfg["text_config"])
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, betas=(0.9, 0.95),
                             weight_decay=0.0)
     start, ckpt = 0, out / "checkpoint.pt"
@@ -150,23 +135,15 @@ def _loop(cfg_dict: dict) -> None:
 
             ray.train.report({"step": step + 1, "loss": loss})
     if rank == 0 and stop == cfg.steps:
-        export(model, recipe, cfg, out)
+        export(model, cfg, out)
         plot_losses(out / "log.jsonl", out / "loss.png", title=f"{recipe.kind} drafter: {cfg.recipe}")
 
 
-def export(model, recipe: Recipe, cfg: TrainConfig, out: Path) -> Path:
+def export(model, cfg: TrainConfig, out: Path) -> Path:
+    """Write the trained drafter to ``<run>/drafter`` in its kind's serving format (drafters.py)."""
     prov = {"command": "vllm-hivis train", "config": dataclasses.asdict(cfg), "data_manifest": cfg.data,
             "commit": _git_commit(), "torch": torch.__version__}
-    dest = out / "drafter"
-    if recipe.kind == "vispec":
-        model.save(str(dest))
-        (dest / "provenance.json").write_text(json.dumps(prov, indent=2) + "\n")
-    elif recipe.kind == "eagle":
-        export_eagle(model, str(dest), prov)
-    else:
-        model.spec = dataclasses.replace(model.spec, target=str(cfg.target))
-        model.save_pretrained(dest, provenance=prov)
-    return dest
+    return model.export(out / "drafter", provenance=prov, target=str(cfg.target))
 
 
 def plot_losses(log_path: Path, png: Path, title: str = "") -> None:
@@ -203,11 +180,31 @@ def _git_commit() -> str:
         return "unknown"
 
 
+def preflight(cfg: TrainConfig) -> None:
+    """Every input problem a run can have, caught before any work starts (DataError / ValueError)."""
+    Recipe(**cfg.recipe).checked()
+    for name in ("steps", "batch_size", "ckpt_every"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}")
+    if not cfg.lr > 0:
+        raise ValueError(f"lr must be > 0, got {cfg.lr}")
+    man = Manifest.load(cfg.data)
+    if man.num_samples == 0:
+        raise DataError(f"dataset {cfg.data} is empty (its manifest lists no samples); generate data first")
+    tcfg = check_target(cfg.target)["text_config"]
+    if man.tokenizer != tokenizer_fingerprint(cfg.target):
+        raise DataError(f"dataset {cfg.data} was generated with another tokenizer than target {cfg.target}; "
+                        "regenerate the data with this target")
+    if (tcfg["vocab_size"], tcfg["hidden_size"]) != (man.vocab_size, man.hidden_size):
+        raise DataError(f"dataset {cfg.data} is for hidden/vocab {man.hidden_size}/{man.vocab_size}, target "
+                        f"{cfg.target} has {tcfg['hidden_size']}/{tcfg['vocab_size']}")
+
+
 def train(cfg: TrainConfig) -> Path:
     """Run (or resume) a training run; returns the run directory."""
+    preflight(cfg)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    Manifest.load(cfg.data)  # clear error for a missing dataset before anything starts
     (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
     d = dataclasses.asdict(cfg)
     if cfg.workers == 0:
@@ -248,10 +245,14 @@ def main(argv=None) -> int:
     ap.add_argument("--workers", type=int, default=0, help="Ray Train workers (0: in this process)")
     ap.add_argument("--threads", type=int, default=0)
     args = ap.parse_args(argv)
-    recipe = Recipe.named(args.recipe, kind=args.kind, unroll=args.unroll)
-    cfg = TrainConfig(data=args.data, target=args.target, out=args.out, recipe=dataclasses.asdict(recipe),
-                      steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                      workers=args.workers, threads=args.threads)
+    try:
+        recipe = Recipe.named(args.recipe, kind=args.kind, unroll=args.unroll)
+        cfg = TrainConfig(data=args.data, target=args.target, out=args.out, recipe=dataclasses.asdict(recipe),
+                          steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                          workers=args.workers, threads=args.threads)
+        preflight(cfg)  # bad input fails here, before any work (ValueError covers DataError)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
     try:
         out = train(cfg)
     except DataError as e:

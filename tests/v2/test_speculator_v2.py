@@ -1,4 +1,5 @@
-"""V2 speculator (speculator_v2.py): the pure plan against brute-force definitions, and the glue on CPU fakes.
+"""V2 speculator (serving/speculator_v2.py, on method/plan.py): the pure plan against brute-force
+definitions, and the glue on CPU fakes.
 
 The V2 runner cannot run here (Triton, CUDA). Its Triton kernels that the design leans on are
 transcribed in numpy below (`emulate_prepare_prefill_inputs`, `FakeBlockTables`) from vLLM 0.32's
@@ -14,9 +15,10 @@ import numpy as np
 import pytest
 import torch
 
-from vllm_hivis import speculator_v2 as sv2
-from vllm_hivis.hide import as_spans
-from vllm_hivis.metrics import PrefillCounters
+from vllm_hivis.method import plan as P
+from vllm_hivis.method.hide import as_spans
+from vllm_hivis.serving import speculator_v2 as sv2
+from vllm_hivis.serving.metrics import PrefillCounters
 
 IMG = 7  # image placeholder id
 JUNK = -5  # stale draft-buffer content: must never reach a row whose KV is read
@@ -120,7 +122,7 @@ def test_mixed_batch_matches_brute_force():
     draft_ids, last = emulate_prepare_prefill_inputs(ids, qsl, n_rej, nxt, np.full(len(ids), JUNK))
     # compaction after the shift, as HiViSSpeculator._compact_prefill does it
     ids_c, pos_c = draft_ids[plan.keep_idx], pos[plan.keep_idx] - plan.offset
-    last_c = sv2.compact_last_token_indices(torch.from_numpy(plan.query_start_loc), torch.from_numpy(n_rej)).numpy()
+    last_c = P.last_token_indices(torch.from_numpy(plan.query_start_loc), torch.from_numpy(n_rej)).numpy()
     assert plan.dummy.tolist() == [False] * 5 + [True] + [False] * 3
     for r, req in enumerate(MIXED):
         lo, hi = plan.query_start_loc[r], plan.query_start_loc[r + 1]
@@ -193,7 +195,7 @@ def run_request(spans, prompt_len, chunk, K, rng, steps=6):
                 assert ids[k] == y[p + 1] and kept_rows[pos_c[i]] == p
             kv[int(pos_c[i])] = p if ok else None
         dummies += int(plan.dummy[0])
-        c_s = int(pos_c[sv2.compact_last_token_indices(torch.from_numpy(plan.query_start_loc),
+        c_s = int(pos_c[P.last_token_indices(torch.from_numpy(plan.query_start_loc),
                                                         torch.tensor([n]))[0]])
         seq_c = s + q - int(plan.seq_shift[0])
         assert seq_c - n == c_s + 1  # what prepare_decode_inputs builds on
@@ -237,7 +239,7 @@ def test_slots_from_random_block_table(block_size, rng):
         owned[r], at = set(ids_pool[at:at + n].tolist()), at + n
     pos_c = pos[plan.keep_idx] - plan.offset
     req_state = idx_mapping[plan.req_of_row]
-    slots = sv2.draft_slots(torch.from_numpy(table), torch.from_numpy(req_state), torch.from_numpy(pos_c),
+    slots = P.drafter_slots(torch.from_numpy(table), torch.from_numpy(req_state), torch.from_numpy(pos_c),
                             block_size).numpy()
     expect = [table[st, c // block_size] * block_size + c % block_size for st, c in zip(req_state, pos_c)]
     assert slots.tolist() == expect
@@ -247,14 +249,15 @@ def test_slots_from_random_block_table(block_size, rng):
 
 def test_compress_seq_lens_keeps_padding_and_dtype():
     seq = torch.tensor([50, 49, 12, 40, 0, 0], dtype=torch.int32)
-    out = sv2.compress_seq_lens(seq, np.array([20, 2, 0, 30]))
+    out = P.drafter_seq_lens(seq, np.array([20, 2, 0, 30]))
     assert out.dtype == torch.int32 and out.tolist() == [30, 47, 12, 10, 0, 0]
     assert seq.tolist() == [50, 49, 12, 40, 0, 0]  # the target's tensor is untouched
 
 
 def test_request_spans_from_mm_features():
     f = lambda off, n: SimpleNamespace(mm_position=SimpleNamespace(offset=off, length=n))  # noqa: E731
-    spans = sv2.request_spans({"a": [f(20, 4), f(2, 9)], "b": []}, ["a", "b", "c"])
+    feats = {"a": [f(20, 4), f(2, 9)], "b": []}
+    spans = [P.request_spans(feats.get(r)) for r in ["a", "b", "c"]]
     assert spans[0].tolist() == [[2, 9], [20, 4]] and spans[1].shape == (0, 2) and spans[2].shape == (0, 2)
 
 
@@ -265,7 +268,7 @@ def test_prefill_counters_over_chunks():
         qsl = np.array([0, q, q + 3])
         num_computed = np.array([s, s + 60])  # request "t" is decoding: no prompt rows
         plan = sv2.plan_v2_prefill(num_computed, qsl, sp, np.array([50, 60]))
-        sv2.record_prefill(c, ["img", "t"], plan, num_computed, qsl, np.array([50, 60]))
+        P.record_prefill(c, ["img", "t"], plan, num_computed, qsl, np.array([50, 60]))
         assert c.totals["requests"] == int(s + q >= 50)
     assert c.totals == {"drafter": 50 - 30, "target": 50, "requests": 1} and not c.pending
 

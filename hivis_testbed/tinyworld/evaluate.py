@@ -1,7 +1,7 @@
 """Grade a tiny-world target: per-attribute accuracy of its descriptions, QA accuracy, and how
 much its answers depend on the image (blank-image control). Greedy decoding with transformers.
 
-    python -m vllm_hivis.tinyworld.evaluate MODEL_DIR --n 200 --out metrics.json
+    hivis-testbed eval-target MODEL_DIR --n 200 --out metrics.json
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import torch
 from tqdm import tqdm
 
 from .batches import pixels, prompt_ids
-from .build import load_llava
 from .dataset import sample
 from .prompts import ATTRIBUTES, KINDS, grade_description
 from .scenes import blank_image
@@ -41,7 +40,9 @@ def greedy(model, tokenizer, questions: list[str], images, max_new_tokens: int =
 def evaluate(model_dir: str, n: int = 200, split: str = "test", batch_size: int = 25) -> dict:
     from transformers import AutoTokenizer
 
-    model = load_llava(model_dir)
+    from vllm_hivis.train.target import HFTarget
+
+    model = HFTarget(model_dir).hf
     tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     size = model.config.vision_config.image_size
     acc: dict[str, list[bool]] = defaultdict(list)

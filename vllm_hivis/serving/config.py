@@ -13,9 +13,9 @@ from __future__ import annotations
 import logging
 import os
 
-from .checkpoint import ARCHITECTURE, DrafterFormatError, DrafterSpec, read_spec
+from ..method.checkpoint import ARCHITECTURE, DrafterFormatError, DrafterSpec, read_spec
 
-logger = logging.getLogger("vllm_hivis.config")
+logger = logging.getLogger("vllm_hivis.serving.config")
 
 METHOD = "hivis"
 MAX_SPEC_TOKENS = 32
@@ -70,12 +70,16 @@ def check_user_dict(sc: dict) -> DrafterSpec:
         raise HiViSConfigError(str(e)) from None
 
 
-def check_against_target(spec: DrafterSpec, drafter: str, target_model_config) -> None:
-    """The drafter must fit the target: a multimodal model with the same hidden size and vocab."""
-    name = target_model_config.model
+def check_against_target(spec: DrafterSpec, sc: dict, target_model_config, target_parallel_config=None) -> None:
+    """The drafter must fit the target and the engine layout: a multimodal model with 1-D RoPE, the
+    same hidden size and vocab, no data / context parallelism (what hivis's plan does not cover)."""
+    drafter, name = sc["model"], target_model_config.model
     if not target_model_config.is_multimodal_model:
         raise HiViSConfigError(f"target {name!r} is not a multimodal model; hivis hides image tokens from the "
                                "drafter of a vision-language model (use method 'eagle' for text-only models)")
+    if getattr(target_model_config, "uses_mrope", False):
+        raise HiViSConfigError(f"target {name!r} uses M-RoPE (multimodal rotary positions, e.g. Qwen2-VL / "
+                               "Qwen2.5-VL); hivis supports targets with 1-D positions (LLaVA-1.5-style) so far")
     H = target_model_config.get_hidden_size()
     V = target_model_config.get_vocab_size()
     if spec.hidden_size != H:
@@ -84,6 +88,21 @@ def check_against_target(spec: DrafterSpec, drafter: str, target_model_config) -
     if spec.vocab_size != V:
         raise HiViSConfigError(f"drafter {drafter!r} has vocab size {spec.vocab_size} but target {name!r} has {V}; "
                                "the drafter shares the target's embedding and LM head")
+    if target_parallel_config is not None:
+        for field, what in (("data_parallel_size", "data parallelism"),
+                            ("decode_context_parallel_size", "decode context parallelism"),
+                            ("prefill_context_parallel_size", "prefill context parallelism")):
+            n = getattr(target_parallel_config, field, 1) or 1
+            if n > 1:
+                raise HiViSConfigError(f"hivis does not support {what} yet ({field}={n}); use {field}=1 "
+                                       "(tensor and pipeline parallelism are fine)")
+
+
+def requests_hivis(args) -> bool:
+    """Do these EngineArgs ask for hivis (``--speculative-config`` or ``--spec-method``)?"""
+    sc = args.speculative_config
+    method = getattr(args, "spec_method", None) or (sc.get("method") if isinstance(sc, dict) else None)
+    return method == METHOD
 
 
 def rewrite_engine_args(args) -> DrafterSpec | None:
@@ -91,10 +110,14 @@ def rewrite_engine_args(args) -> DrafterSpec | None:
 
     Runs in the process that builds the engine config (before any engine process starts).
     """
-    sc = args.speculative_config
-    method = args.spec_method or (sc or {}).get("method")
-    if method != METHOD:
+    if not requests_hivis(args):
         return None
+    from ..patches import hivis_unavailable_reason
+
+    reason = hivis_unavailable_reason()
+    if reason:
+        raise HiViSConfigError(reason)
+    sc = args.speculative_config
     if sc is not None and not isinstance(sc, dict):
         raise HiViSConfigError(f"--speculative-config must be a JSON object, got {type(sc).__name__}")
     sc = dict(sc or {})

@@ -48,8 +48,8 @@ def collate(tokenizer, samples: list[Sample], num_image_tokens: int):
     ids = torch.full((len(seqs), T), pad, dtype=torch.long)
     lab = torch.full((len(seqs), T), IGNORE, dtype=torch.long)
     att = torch.zeros((len(seqs), T), dtype=torch.long)
-    for i, (s, l) in enumerate(zip(seqs, labels)):
+    for i, (s, lb) in enumerate(zip(seqs, labels)):
         ids[i, : len(s)] = torch.tensor(s)
-        lab[i, : len(l)] = torch.tensor(l)
+        lab[i, : len(lb)] = torch.tensor(lb)
         att[i, : len(s)] = 1
     return ids, lab, att, pixels([s.image for s in samples])

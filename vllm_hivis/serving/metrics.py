@@ -28,7 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-logger = logging.getLogger("vllm_hivis.metrics")
+logger = logging.getLogger("vllm_hivis.serving.metrics")
 
 STATS_DIR_ENV = "VLLM_HIVIS_STATS_DIR"
 MAX_PENDING = 4096

@@ -47,7 +47,7 @@ def read_config(drafter_dir: str | os.PathLike) -> dict:
     d = Path(drafter_dir)
     if not d.is_dir():
         raise DrafterFormatError(f"hivis drafter directory {str(d)!r} does not exist "
-                                 "(expected a directory made by `vllm-hivis train` or vllm_hivis.checkpoint)")
+                                 "(expected a directory made by `vllm-hivis train` or vllm_hivis.method.checkpoint)")
     cfg_path = d / "config.json"
     if not cfg_path.is_file():
         raise DrafterFormatError(f"{str(d)!r} has no config.json; a hivis drafter directory holds "
@@ -86,7 +86,8 @@ def read_spec(drafter_dir: str | os.PathLike) -> DrafterSpec:
         raise DrafterFormatError(f"{drafter_dir}: a hivis drafter has exactly 1 decoder layer, "
                                  f"config.json says num_hidden_layers={cfg.get('num_hidden_layers')}")
     if not (Path(drafter_dir) / "model.safetensors").is_file():
-        raise DrafterFormatError(f"{drafter_dir}: model.safetensors is missing (weights are stored as safetensors only)")
+        raise DrafterFormatError(f"{drafter_dir}: model.safetensors is missing (weights are stored as "
+                                 "safetensors only)")
     return spec
 
 

@@ -14,9 +14,10 @@ import io
 import json
 import time
 
+from vllm_hivis.serving.acceptance import from_prometheus_text
+
 from . import assets
-from .acceptance import from_prometheus_text
-from .serving import VLLMServer
+from .server import VLLMServer
 from .tinyworld.dataset import sample
 
 
@@ -67,7 +68,8 @@ def main(argv=None) -> int:
         acc = from_prometheus_text(srv.metrics()).minus(before)
     if not args.no_spec:
         print("speculative decoding (vLLM counters over these requests):")
-        print(f"  drafts {acc.num_drafts:.0f}, draft tokens {acc.num_draft_tokens:.0f}, accepted {acc.num_accepted:.0f}")
+        print(f"  drafts {acc.num_drafts:.0f}, draft tokens {acc.num_draft_tokens:.0f}, "
+              f"accepted {acc.num_accepted:.0f}")
         print(f"  acceptance length: {acc.tokens_per_step:.2f} tokens/step incl. bonus "
               f"({acc.accepted_per_draft:.2f} accepted drafts/step excl. bonus)")
         print("  per-position acceptance: " + ", ".join(f"{x:.2f}" for x in acc.per_position))

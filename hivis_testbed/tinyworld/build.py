@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from .dataset import sample
 from .prompts import KINDS
@@ -27,7 +27,8 @@ CHAT_TEMPLATE = (
     "{{ bos_token }}"
     "{% for message in messages %}"
     "{% if message['role'] == 'user' %}USER: {% elif message['role'] == 'assistant' %} ASSISTANT: "
-    "{% elif message['role'] == 'system' %}{% else %}{{ raise_exception('unsupported role ' + message['role']) }}{% endif %}"
+    "{% elif message['role'] == 'system' %}"
+    "{% else %}{{ raise_exception('unsupported role ' + message['role']) }}{% endif %}"
     "{% if message['content'] is string %}{{ message['content'] }}"
     "{% else %}{% for part in message['content'] %}"
     "{% if part['type'] == 'image' or part['type'] == 'image_url' or part['type'] == 'image_pil' %}<image>\n"
@@ -126,17 +127,3 @@ def save_llava(model, processor, out_dir: str | os.PathLike, dtype=torch.float16
     if provenance is not None:
         (out / "provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")
     return out
-
-
-def load_llava(model_dir: str | os.PathLike, dtype=torch.float32):
-    """Load a saved tiny LLaVA with transformers (never downloads: a local directory only)."""
-    from transformers import LlavaForConditionalGeneration
-
-    model_dir = Path(model_dir)
-    if not (model_dir / "config.json").is_file():
-        raise FileNotFoundError(f"{model_dir} is not a model directory (no config.json)")
-    return LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=dtype, local_files_only=True).eval()
-
-
-def load_state_dict_hub(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    return load_file(str(path))

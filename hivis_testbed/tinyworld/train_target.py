@@ -1,6 +1,6 @@
 """Train the tiny-world target LLaVA from scratch (CPU, fp32 by default), then export it.
 
-    python -m vllm_hivis.tinyworld.train_target --out runs/target --steps 12000
+    python -m hivis_testbed.tinyworld.train_target --out runs/target --steps 12000
 
 Loss = next-token CE on answer tokens (+EOS) + ``aux_weight`` x a per-image-token auxiliary loss:
 every image token (after the projector) predicts the contents of its grid cell (shape, colour,
@@ -86,7 +86,8 @@ def mask_targets(samples, side: int, coverage: float = 0.3) -> dict[str, torch.T
     out = {k: torch.zeros(B, side * side, dtype=torch.long) for k in ATTRS}
     out["background"] = cell["background"]
     for i, s in enumerate(samples):
-        m = torch.from_numpy(s.mask.astype("int64")).view(side, patch, side, patch).permute(0, 2, 1, 3).reshape(side * side, -1)
+        m = torch.from_numpy(s.mask.astype("int64")).view(side, patch, side, patch)
+        m = m.permute(0, 2, 1, 3).reshape(side * side, -1)
         counts = F.one_hot(m, len(s.scene.objects) + 1)[:, :, 1:].sum(1)  # [N, objects] pixels per object
         best = counts.argmax(1)
         covered = counts.max(1).values >= coverage * patch * patch
@@ -205,7 +206,9 @@ def main(argv=None):
         print(f"initialised from {args.init_from} (step {st['step']})")
     if ckpt.exists():  # resume (training state only; never shipped)
         st = torch.load(ckpt, weights_only=True)
-        model.load_state_dict(st["model"]); probe.load_state_dict(st["probe"], strict=False); opt.load_state_dict(st["opt"])
+        model.load_state_dict(st["model"])
+        probe.load_state_dict(st["probe"], strict=False)
+        opt.load_state_dict(st["opt"])
         start = st["step"]
         print(f"resumed from step {start}")
     t0, ema, ema_aux = time.time(), None, None
@@ -242,7 +245,7 @@ def main(argv=None):
             print(f"stopped at step {done} (resume by re-running without --stop-at/--max-minutes)")
             return
     model.eval()
-    prov = {"command": "python -m vllm_hivis.tinyworld.train_target " + " ".join(argv or __import__("sys").argv[1:]),
+    prov = {"command": "python -m hivis_testbed.tinyworld.train_target " + " ".join(argv or __import__("sys").argv[1:]),
             "args": vars(args), "commit": git_commit(), "final_lm_loss": ema, "final_aux_loss": ema_aux,
             "train_seconds_this_run": time.time() - t0, "samples": args.steps * args.batch_size,
             "torch": torch.__version__}

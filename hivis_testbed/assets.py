@@ -1,6 +1,6 @@
 """The shipped tiny-world models, as local directories (nothing is ever downloaded).
 
-    from vllm_hivis import assets
+    from hivis_testbed import assets
     assets.tiny_target()   # LLaVA target trained on the tiny world (safetensors + processor)
     assets.tiny_drafter()  # hivis drafter trained for it
 
@@ -39,3 +39,11 @@ def all_assets() -> dict[str, str | None]:
         except FileNotFoundError:
             out[fn] = None
     return out
+
+
+def main(argv=None) -> int:
+    """``hivis-testbed assets``: the shipped model directories as JSON."""
+    import json
+
+    print(json.dumps(all_assets(), indent=2))
+    return 0

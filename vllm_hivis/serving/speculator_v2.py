@@ -38,18 +38,12 @@ import functools
 import numpy as np
 import torch
 
+from ..method.plan import StepPlan, drafter_seq_lens, last_token_indices, plan_step, record_prefill, request_spans
 from .config import is_hivis
-from .hide import EMPTY_SPANS, StepPlan, as_spans, plan_step
 from .metrics import PrefillCounters
 from .trace import ProposalTracer
 
-# -- pure logic (numpy / torch, any device, no vLLM) -------------------------------------------
-
-
-def request_spans(mm_features: dict, req_ids: list[str]) -> list[np.ndarray]:
-    """[S_i, 2] image spans per request from V2's ``encoder_cache.mm_features`` (req_id -> features)."""
-    return [as_spans((f.mm_position.offset, f.mm_position.length) for f in mm_features[r])
-            if mm_features.get(r) else EMPTY_SPANS for r in req_ids]
+# -- the V2 contract on top of method/plan.py (numpy, no vLLM) -----------------------------------
 
 
 def plan_v2_prefill(num_computed: np.ndarray, query_start_loc: np.ndarray, spans: list[np.ndarray],
@@ -79,41 +73,6 @@ def plan_v2_prefill(num_computed: np.ndarray, query_start_loc: np.ndarray, spans
     return plan
 
 
-def compact_last_token_indices(query_start_loc: torch.Tensor, num_rejected: torch.Tensor) -> torch.Tensor:
-    # query_start_loc: [B + 1] compacted (drafter rows); num_rejected: [B] -> [B] int64
-    # V2's convention (speculator.py:703-722): the last accepted row of each request.
-    return query_start_loc[1:].long() - 1 - num_rejected.long()
-
-
-def compress_seq_lens(seq_lens: torch.Tensor, seq_shift: np.ndarray) -> torch.Tensor:
-    # seq_lens: [B_pad] target seq lens (GPU, or the CPU upper bound); seq_shift: [B] -> [B_pad]
-    # Padded entries are left as they are; a shift is exact (decode rows: a constant).
-    out = seq_lens.clone()
-    B = len(seq_shift)
-    out[:B] -= torch.from_numpy(np.asarray(seq_shift)).to(device=out.device, dtype=out.dtype)
-    return out
-
-
-def draft_slots(block_table: torch.Tensor, req_of_row: torch.Tensor, positions: torch.Tensor,
-                block_size: int) -> torch.Tensor:
-    # block_table: [R, max_blocks]; req_of_row, positions: [M] drafter positions -> [M] int64 slots
-    # What BlockTables.compute_slot_mappings (block_table.py:320-353) computes for one KV group
-    # without context parallelism: drafter position c lives in the request's own blocks.
-    blocks = block_table[req_of_row, positions // block_size].long()
-    return blocks * block_size + positions % block_size
-
-
-def record_prefill(counters: PrefillCounters, req_ids: list[str], plan: StepPlan, num_computed: np.ndarray,
-                   query_start_loc: np.ndarray, prompt_lens: np.ndarray) -> None:
-    """Drafter vs target prompt rows, as the V1 proposer counts them (proposer.py:_plan)."""
-    B = len(req_ids)
-    ends = np.asarray(num_computed[:B], dtype=np.int64) + np.diff(np.asarray(query_start_loc[: B + 1]))
-    for i, r in enumerate(req_ids):
-        if plan.target_prompt_rows[i]:
-            counters.add(r, int(plan.drafter_prompt_rows[i]), int(plan.target_prompt_rows[i]),
-                         prompt_done=bool(ends[i] >= prompt_lens[i]))
-
-
 # -- glue (needs vLLM's V2 runner: GPU + Triton) -----------------------------------------------
 
 
@@ -141,14 +100,13 @@ class HiViSSpeculatorMixin:
         self.prefill_counters = PrefillCounters()
         self.tracer = ProposalTracer()
         self._hivis_step: _Step | None = None
-        assert not self.speculative_config.enable_adaptive_verification, (
-            "hivis: adaptive verification reallocates query_start_loc on the GPU only; not supported")
-        assert self.dp_size == 1 and self.dcp_size == 1, "hivis V2: data/decode context parallelism untested"
-        assert not vllm_config.model_config.uses_mrope, "hivis drafters use 1-D RoPE (LLaVA-style targets)"
+        # Rejected at startup (serving/config.py: unknown key / M-RoPE / parallel layout); invariants here.
+        assert not self.speculative_config.enable_adaptive_verification
+        assert not vllm_config.model_config.uses_mrope
 
     def load_model(self, target_model) -> None:
         super().load_model(target_model)
-        assert not self.supports_mm_inputs, "a hivis drafter never takes image embeddings"
+        assert not self.supports_mm_inputs  # HiViSDrafterForCausalLM declares no multimodal embeddings
         if self.tracer.enabled:
             self.model.register_forward_hook(lambda _m, _i, out: self.tracer.output(out[0]))
 
@@ -183,24 +141,23 @@ class HiViSSpeculatorMixin:
         B = input_batch.num_reqs
         if dummy_run or is_profile or B == 0:
             return call(input_batch=input_batch)
-        assert self.pcp_manager is None, "hivis V2: prefill context parallelism is not supported"
-        assert mm_inputs is None
+        assert self.pcp_manager is None and mm_inputs is None  # startup rejects context parallelism
         req_ids = list(input_batch.req_ids[:B])
         mm = self.model_state.encoder_cache.mm_features  # a hivis target is multimodal: never silently absent
         prompt_lens = (self.req_states.prompt_len.np[input_batch.idx_mapping_np[:B]] if self.req_states is not None
                        else input_batch.prefill_len_np[:B])
         num_computed, qsl = input_batch.num_computed_tokens_np[:B], input_batch.query_start_loc_np
-        plan = plan_v2_prefill(num_computed, qsl, request_spans(mm, req_ids), prompt_lens,
+        plan = plan_v2_prefill(num_computed, qsl, [request_spans(mm.get(r)) for r in req_ids], prompt_lens,
                                input_batch.num_draft_tokens_per_req)
         record_prefill(self.prefill_counters, req_ids, plan, num_computed, qsl, prompt_lens)
         to_dev = lambda a: torch.from_numpy(a).to(self.device, non_blocking=True)  # noqa: E731
         self._hivis_step = _Step(
             plan=plan, req_ids=req_ids, num_tokens=input_batch.num_tokens, keep=to_dev(plan.keep_idx),
             offset=to_dev(plan.offset), query_start_loc=to_dev(plan.query_start_loc),
-            seq_lens_ub=compress_seq_lens(input_batch.seq_lens_cpu_upper_bound, plan.seq_shift),
+            seq_lens_ub=drafter_seq_lens(input_batch.seq_lens_cpu_upper_bound, plan.seq_shift),
             num_rejected=num_rejected[:B], target_positions=input_batch.positions)
         assert (self._hivis_step.seq_lens_ub[:B] >= 1).all(), "every request keeps >= 1 drafter row"
-        batch = dataclasses.replace(input_batch, seq_lens=compress_seq_lens(input_batch.seq_lens, plan.seq_shift),
+        batch = dataclasses.replace(input_batch, seq_lens=drafter_seq_lens(input_batch.seq_lens, plan.seq_shift),
                                     seq_lens_cpu_upper_bound=self._hivis_step.seq_lens_ub)
         try:
             draft_token_ids = call(input_batch=batch)
@@ -235,7 +192,7 @@ class HiViSSpeculatorMixin:
         ib.positions[:M] = st.target_positions[st.keep] - st.offset
         ib.query_start_loc[: B + 1] = st.query_start_loc
         ib.query_start_loc[B + 1:] = M  # padding, as prepare_prefill_inputs pads (speculator.py:740-743)
-        self.last_token_indices[:B] = compact_last_token_indices(st.query_start_loc, st.num_rejected)
+        self.last_token_indices[:B] = last_token_indices(st.query_start_loc, st.num_rejected)
         slots = self.block_tables.compute_slot_mappings(self.idx_mapping[:B], ib.query_start_loc[: B + 1],
                                                         ib.positions, M)  # [num_kv_groups, M]
         attn = self._build_attn_metadata(
@@ -259,7 +216,7 @@ def speculator_class() -> type:
 
 
 def __getattr__(name: str):
-    if name == "HiViSSpeculator":  # `from vllm_hivis.speculator_v2 import HiViSSpeculator` imports V2 only then
+    if name == "HiViSSpeculator":  # `from vllm_hivis.serving.speculator_v2 import HiViSSpeculator` imports V2 only then
         return speculator_class()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 

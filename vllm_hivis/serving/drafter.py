@@ -9,7 +9,7 @@ One EAGLE-style step, t = a drafter position (text tokens only, see hide.py):
     f̂_t+1 = DecoderLayer(h, pos=c)       one Llama layer, no input norm (EAGLE), RoPE at drafter pos
     logits = LMHead_target(f̂_t+1)        the target's own LM head (shared, not in the checkpoint)
 
-`vllm_hivis.drafter_torch.HiViSDrafter` is the plain-torch twin used for training; a parity test
+`vllm_hivis.train.drafters.HiViSDrafter` is the plain-torch twin used for training; a parity test
 holds the two to the same logits.
 """
 
@@ -18,7 +18,6 @@ from collections.abc import Iterable
 
 import torch
 import torch.nn as nn
-
 from vllm.compilation.decorators import support_torch_compile
 from vllm.config import VllmConfig
 from vllm.model_executor.layers.linear import ReplicatedLinear
@@ -26,8 +25,13 @@ from vllm.model_executor.layers.logits_processor import LogitsProcessor
 from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
 from vllm.model_executor.models.interfaces import SupportsEagle
 from vllm.model_executor.models.llama import LlamaDecoderLayer
-from vllm.model_executor.models.utils import (AutoWeightsLoader, WeightsMapper, get_draft_quant_config,
-                                              maybe_prefix, process_eagle_weight)
+from vllm.model_executor.models.utils import (
+    AutoWeightsLoader,
+    WeightsMapper,
+    get_draft_quant_config,
+    maybe_prefix,
+    process_eagle_weight,
+)
 
 
 class _DrafterLayer(LlamaDecoderLayer):

