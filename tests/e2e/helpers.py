@@ -72,3 +72,9 @@ def engine(in_process=True, env=None, **kw):
 
 def token_ids(outputs):
     return [list(o.outputs[0].token_ids) for o in outputs]
+
+
+def model_runner(llm):
+    """The V1 model runner of an in-process engine (VLLM_ENABLE_V1_MULTIPROCESSING=0)."""
+    core = llm.llm_engine.engine_core.engine_core
+    return core.model_executor.driver_worker.worker.model_runner

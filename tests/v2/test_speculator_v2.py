@@ -457,6 +457,38 @@ def test_glue_dummy_run_passes_through():
     assert "attn_kwargs" not in spec.log and spec.begun == 1
 
 
+def test_glue_forwards_skip_sample_of_vllm_0_33():
+    """vLLM 0.33's _prefill takes skip_sample (True on steps whose drafts nobody uses): the hivis
+    branch must pass it through, or every such step samples a draft for nothing."""
+    pytest.importorskip("vllm.v1.worker.gpu.input_batch")
+
+    class Parent033(FakeParent):
+        def propose(self, *args, **kwargs):
+            self._skip = True
+            return super().propose(*args, **kwargs)
+
+        def _prefill(self, num_reqs, num_tokens, attn_metadata, slot_mappings, num_tokens_across_dp=None,
+                     cudagraph_runtime_mode=None, mm_inputs=None, skip_sample=False):
+            self.log["skip_sample"] = skip_sample
+            return super()._prefill(num_reqs, num_tokens, attn_metadata, slot_mappings, num_tokens_across_dp,
+                                    cudagraph_runtime_mode, mm_inputs)
+
+    class Spec033(sv2.HiViSSpeculatorMixin, Parent033):
+        def _prefill(self, *args, **kwargs):  # what 0.33's propose() does on a skip-drafts step
+            if getattr(self, "_skip", False) and "skip_sample" not in kwargs:
+                kwargs["skip_sample"] = True
+            return super()._prefill(*args, **kwargs)
+
+    reqs = MIXED
+    ys, batch, last_sampled, nxt_prefill, num_sampled = fake_batch(reqs)
+    spec = make_fake_speculator(reqs, batch, torch.arange(16 * 20, dtype=torch.int64).reshape(16, 20), 4)
+    spec.__class__ = Spec033
+    spec.propose(batch, "target-meta", "target-slots", torch.zeros(batch.num_tokens, 2), None, num_sampled,
+                 torch.tensor([r.n_rej for r in reqs], dtype=torch.int32), last_sampled, nxt_prefill,
+                 torch.zeros(16), torch.zeros(16, dtype=torch.int64))
+    assert spec.log["skip_sample"] is True and spec.log["prefill"]["attn"] == {"drafter.attn": "drafter-meta"}
+
+
 def test_init_speculator_wrapper_picks_the_class(monkeypatch):
     calls = []
 

@@ -1,6 +1,6 @@
 """The hivis drafter as a vLLM model (registered as ``HiViSDrafterForCausalLM``).
 
-One EAGLE-style step, t = a drafter position (text tokens only, see hide.py):
+One EAGLE-style step, t = a drafter position (text tokens only, see method/hide.py):
 
     f_in  = f_t                          verified rows: the target's last-layer (post-norm) state
           = f̂_t + b_k                   draft step k >= 1: the drafter's own previous output, plus
@@ -9,10 +9,18 @@ One EAGLE-style step, t = a drafter position (text tokens only, see hide.py):
     f̂_t+1 = DecoderLayer(h, pos=c)       one Llama layer, no input norm (EAGLE), RoPE at drafter pos
     logits = LMHead_target(f̂_t+1)        the target's own LM head (shared, not in the checkpoint)
 
+CUDA-graph safety, by construction: everything that depends on the draft step runs inside the
+compiled region on persistent device buffers. vLLM captures the drafter's graphs with their input
+addresses (piecewise graphs in the V1 proposer, FULL decode graphs in the V2 speculator), so the
+region takes exactly the proposer's persistent ``input_ids`` / ``positions`` / ``hidden_states``
+plus the model's own step counter, and nothing is allocated on the way in. The step index k is that
+device counter (``draft_step``): the region reads it, every forward increments it in place (a
+replayed graph that contains the forward increments it too), and `begin_proposal` resets it before
+each proposal. There is no Python state a captured graph could freeze.
+
 `vllm_hivis.train.drafters.HiViSDrafter` is the plain-torch twin used for training; a parity test
 holds the two to the same logits.
 """
-
 
 from collections.abc import Iterable
 
@@ -45,9 +53,11 @@ class _DrafterLayer(LlamaDecoderLayer):
         return get_draft_quant_config(vllm_config)
 
 
-@support_torch_compile
+# draft_step is a graph input (never a constant an inductor "freezing" pass could fold), with no
+# dynamic dimension: [1].
+@support_torch_compile(dynamic_arg_dims={"input_ids": 0, "positions": 0, "hidden_states": 0})
 class HiViSDrafterModel(nn.Module):
-    """fc + one decoder layer; the compiled region (the step bias is applied outside it)."""
+    """The compiled region: step bias + fc + one decoder layer (see the module docstring)."""
 
     hf_to_vllm_mapper = WeightsMapper(orig_to_new_stacked={
         ".q_proj": (".qkv_proj", "q"), ".k_proj": (".qkv_proj", "k"), ".v_proj": (".qkv_proj", "v"),
@@ -57,16 +67,23 @@ class HiViSDrafterModel(nn.Module):
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "", start_layer_id: int = 0) -> None:
         super().__init__()
         self.config = config = vllm_config.speculative_config.draft_model_config.hf_config
-        H = config.hidden_size
+        spec = getattr(config, "hivis", None) or {}
+        H, dtype = config.hidden_size, vllm_config.model_config.dtype
         # Placeholder: replaced by the target's embedding at load (shared, never in the checkpoint).
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, H, prefix=maybe_prefix(prefix, "embed_tokens"))
-        self.fc = ReplicatedLinear(2 * H, H, bias=False, params_dtype=vllm_config.model_config.dtype,
+        self.fc = ReplicatedLinear(2 * H, H, bias=False, params_dtype=dtype,
                                    quant_config=get_draft_quant_config(vllm_config),
                                    prefix=maybe_prefix(prefix, "fc"), return_bias=False)
         # The attention layer is named after the target's layers (layers.<n_target>) so the two
         # KV caches never collide; the module index stays 0 to match checkpoint keys.
         self.layers = nn.ModuleList([_DrafterLayer(vllm_config, maybe_prefix(prefix, f"layers.{start_layer_id}"),
                                                    config)])
+        steps = int(spec.get("step_bias_steps", 0))
+        # Row k of the table is b_k (row 0: the verified rows, no bias); loaded from "step_bias".
+        self.register_buffer("step_bias_table", torch.zeros(steps + 1, H, dtype=dtype), persistent=False)
+        # 1.0, or 0.0 for a text-only drafter (the baseline that reads no target feature).
+        self.register_buffer("feature_scale", torch.full((1,), float(bool(spec.get("uses_target_features", True))),
+                                                         dtype=dtype), persistent=False)
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.embed_tokens(input_ids)
@@ -78,9 +95,12 @@ class HiViSDrafterModel(nn.Module):
         self,
         input_ids: torch.Tensor,  # [num_tokens]
         positions: torch.Tensor,  # [num_tokens] drafter (compressed) positions
-        hidden_states: torch.Tensor,  # [num_tokens, H] input features f_in
+        hidden_states: torch.Tensor,  # [num_tokens, H] the proposer's feature buffer (f_t or f̂_t)
+        draft_step: torch.Tensor,  # [1] int64: k, the draft step of this forward (0 = verified rows)
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        h = self.fc(torch.cat((self.embed_tokens(input_ids), hidden_states), dim=-1))
+        k = draft_step.clamp(max=self.step_bias_table.shape[0] - 1)  # [1]
+        f_in = hidden_states * self.feature_scale + self.step_bias_table[k]  # [num_tokens, H]
+        h = self.fc(torch.cat((self.embed_tokens(input_ids), f_in), dim=-1))
         h, residual = self.layers[0](positions, h, None)
         h = h + residual
         return h, h
@@ -92,7 +112,6 @@ class HiViSDrafterForCausalLM(nn.Module, SupportsEagle):
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         super().__init__()
         self.config = config = vllm_config.speculative_config.draft_model_config.hf_config
-        spec = getattr(config, "hivis", None) or {}
         if getattr(config, "draft_vocab_size", None) is None:
             config.draft_vocab_size = config.vocab_size
         self.model = HiViSDrafterModel(vllm_config=vllm_config, prefix=maybe_prefix(prefix, "model"),
@@ -100,15 +119,12 @@ class HiViSDrafterForCausalLM(nn.Module, SupportsEagle):
                                            vllm_config.parallel_config))
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, prefix=maybe_prefix(prefix, "lm_head"))
         self.logits_processor = LogitsProcessor(config.vocab_size, scale=getattr(config, "logit_scale", 1.0))
-        steps = int(spec.get("step_bias_steps", 0))
-        self.step_bias = nn.Parameter(torch.zeros(steps, config.hidden_size, dtype=vllm_config.model_config.dtype),
-                                      requires_grad=False) if steps else None
-        self._draft_step = 0
-        self.uses_target_features = bool(spec.get("uses_target_features", True))
+        # The draft step of the next forward: 0 = the first pass over verified rows.
+        self.register_buffer("draft_step", torch.zeros(1, dtype=torch.long), persistent=False)
 
     def begin_proposal(self) -> None:
-        """Called by the proposer before each propose(): the next forward is draft step 0."""
-        self._draft_step = 0
+        """Called by the proposer (eagerly) before each proposal: the next forward is draft step 0."""
+        self.draft_step.zero_()
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.embed_input_ids(input_ids)
@@ -122,23 +138,28 @@ class HiViSDrafterForCausalLM(nn.Module, SupportsEagle):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if inputs_embeds is not None:
             raise ValueError("the hivis drafter reads text token ids only; it never takes image embeddings")
-        k = self._draft_step
-        self._draft_step += 1
-        if not self.uses_target_features:  # a text-only drafter (baseline): no feature input
-            hidden_states = torch.zeros_like(hidden_states)
-        elif k > 0 and self.step_bias is not None:
-            hidden_states = hidden_states + self.step_bias[min(k, self.step_bias.shape[0]) - 1]
-        return self.model(input_ids, positions, hidden_states)
+        out = self.model(input_ids, positions, hidden_states, self.draft_step)
+        self.draft_step.add_(1)  # a device op: a captured graph that contains this call replays it too
+        return out
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
         return self.logits_processor(self.lm_head, hidden_states)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        table = self.model.step_bias_table
+        loaded: set[str] = set()
+
         def rename(item):
             name, w = item
-            if name != "step_bias" and not name.startswith("lm_head"):
+            if name == "step_bias":  # [S, H] -> rows 1..S of the table (an in-place copy: the address stays)
+                assert w.shape == (table.shape[0] - 1, table.shape[1]), (w.shape, table.shape)
+                table[1:].copy_(w.to(table.dtype))
+                loaded.add("model.step_bias_table")
+                return None
+            if not name.startswith("lm_head"):
                 name = "model." + name
             process_eagle_weight(self, name)
             return name, w
 
-        return AutoWeightsLoader(self).load_weights(map(rename, weights))
+        loaded |= AutoWeightsLoader(self).load_weights(x for x in map(rename, weights) if x is not None)
+        return loaded

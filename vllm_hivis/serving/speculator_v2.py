@@ -23,9 +23,9 @@ HiViSSpeculator keeps that method and changes three things around it:
    Compacting *after* the shift is what makes a kept row p read x_{p+1} even when row p+1 is dropped.
 3. ``init_cudagraph_manager`` gives the draft prefill a NONE-mode graph manager, so no FULL prefill
    graph (captured on the target's metadata) is ever captured or replayed. The decode loop and its
-   FULL graphs are unchanged: they read ``self.input_buffers``, which now hold drafter values;
-   except when the drafter has step-bias residuals (drafter.py picks them with a Python counter that
-   a CUDA graph would freeze): then the decode loop runs eagerly too.
+   FULL graphs are unchanged: they read ``self.input_buffers``, which now hold drafter values, and
+   the drafter keeps its draft step on the device (serving/drafter.py), so a replayed graph drafts
+   with the right step-bias residual.
 Dummy/profile runs go straight to ``super()``. Positions are taken from the target batch, not the
 draft buffer: V2 leaves the draft positions of rejected rows stale (speculator.py:726-730).
 """
@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 
 import numpy as np
 import torch
@@ -118,10 +119,6 @@ class HiViSSpeculatorMixin:
         # No FULL prefill graph: it would replay the target's metadata (speculator.py:277-280).
         self.prefill_cudagraph_manager = SpeculatorCudaGraphManager(
             self.vllm_config, self.device, CUDAGraphMode.NONE, self.num_speculative_steps + 1)
-        if getattr(getattr(self, "model", None), "step_bias", None) is not None:
-            # drafter.py picks the step-bias row with a Python counter: a graph would freeze it.
-            self.decode_cudagraph_manager = SpeculatorCudaGraphManager(
-                self.vllm_config, self.device, CUDAGraphMode.NONE, decode_query_len=1)
 
     @torch.inference_mode()
     def propose(self, input_batch, attn_metadata, slot_mappings, last_hidden_states, aux_hidden_states,
@@ -171,11 +168,16 @@ class HiViSSpeculatorMixin:
             return super()._prefill(num_reqs, num_tokens, attn_metadata, slot_mappings, *args, **kwargs)
         from vllm.config.compilation import CUDAGraphMode
 
-        mode = kwargs.get("cudagraph_runtime_mode", args[1] if len(args) > 1 else CUDAGraphMode.NONE)
+        # 0.32: (..., num_tokens_across_dp, cudagraph_runtime_mode, mm_inputs); 0.33 adds skip_sample
+        # (True on steps whose drafts nobody uses: the drafter KV is still written).
+        call = inspect.signature(super()._prefill).bind(num_reqs, num_tokens, attn_metadata, slot_mappings,
+                                                        *args, **kwargs).arguments
+        mode = call.get("cudagraph_runtime_mode", CUDAGraphMode.NONE)
         assert mode == CUDAGraphMode.NONE, f"hivis draft prefill must run eagerly, got {mode}"
         M, attn, slots_by_layer = self._compact_prefill(num_reqs)
+        extra = {"skip_sample": call["skip_sample"]} if "skip_sample" in call else {}
         return super()._prefill(num_reqs, M, attn, slots_by_layer, num_tokens_across_dp=None,
-                                cudagraph_runtime_mode=CUDAGraphMode.NONE, mm_inputs=None)
+                                cudagraph_runtime_mode=CUDAGraphMode.NONE, mm_inputs=None, **extra)
 
     def _compact_prefill(self, num_reqs: int):
         """Target rows -> drafter rows in the draft buffers; returns (M, attn metadata, slots by layer)."""
