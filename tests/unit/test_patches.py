@@ -82,7 +82,9 @@ def test_helper_refuses_double_patches_and_changed_signatures():
     assert not helper.wrap(Owner, "f", make, patch="times_ten", expect="self, a, b=1")  # idempotent
     assert Owner().f(1) == 20
     with pytest.raises(helper.PatchError, match="already patched by 'times_ten'"):
-        helper.wrap(Owner, "f", make, patch="another")
+        helper.wrap(Owner, "f", make, patch="another", expect=None)
+    with pytest.raises(helper.PatchError, match="does not declare its target"):
+        helper.wrap(Owner, "p", make, patch="unregistered")  # every real patch declares its targets
     assert helper.original(Owner, "f")(Owner(), 1) == 2
     with pytest.raises(helper.PatchError, match=r"has parameters \(self\), but the patch was written for \(self, x\)"):
         helper.wrap(Owner, "p", lambda orig: lambda self: orig(self) + 1, patch="plus_one", expect="self, x")
@@ -257,3 +259,33 @@ def test_patches_wait_for_their_module(tmp_path, monkeypatch):
     import hivis_fake_target  # noqa: F401,F811
 
     assert calls == [1]
+
+
+def test_eagle_backup_token_is_the_token_after_the_chunk():
+    """The upstream fix, on vLLM's own SpecDecodeBaseProposer (every EAGLE / MTP / draft-model user
+    of the V1 runner): a discarded partial prefill feeds the drafter the token right after its
+    chunk (upstream: the last prompt token); a request that sampled keeps its last valid token."""
+    from types import SimpleNamespace
+
+    import numpy as np
+    import torch
+    from vllm.platforms import current_platform
+    from vllm.v1.spec_decode.llm_base_proposer import SpecDecodeBaseProposer
+    from vllm.v1.utils import CpuGpuBuffer
+
+    plugin.register()
+    assert helper.patched_by(SpecDecodeBaseProposer, "prepare_next_token_ids_padded") == \
+        "eagle_backup_token_after_partial_prefill"
+    current_platform.register_triton_kernel_overrides()
+    tokens = {"a": list(range(100, 140)), "b": list(range(200, 230))}
+    requests = {r: SimpleNamespace(get_token_id=lambda i, r=r: tokens[r][i]) for r in tokens}
+    runner = SimpleNamespace(optimistic_seq_lens_cpu=torch.tensor([16, 30], dtype=torch.int32),
+                             discard_request_mask=SimpleNamespace(np=np.array([True, False])))
+    me = SimpleNamespace(_hivis_runner=runner,
+                         backup_next_token_ids=CpuGpuBuffer(4, dtype=torch.int32, device="cpu", pin_memory=False))
+    batch = SimpleNamespace(num_reqs=2, req_ids=["a", "b"], num_tokens_no_spec=np.array([40, 30]), vocab_size=1000)
+    sampled = torch.tensor([[-1, -1, -1], [7, 8, -1]], dtype=torch.int64)
+    nxt, valid = SpecDecodeBaseProposer.prepare_next_token_ids_padded(me, sampled, requests, batch,
+                                                                      torch.tensor([True, False]))
+    assert nxt.tolist() == [116, 8]  # a: token 16 (upstream gave 139, the last prompt token)
+    assert valid.tolist() == [0, 2]

@@ -5,7 +5,8 @@
     vllm_cpu.py   fixes of bugs of the CPU build
     helper.py     the one mechanism: named replacement, double-patch refusal, signature check,
                   original kept, logged; post-import hooks
-    registry.py   the list the patch functions register themselves in
+    registry.py   the list the patch functions register themselves in, with their targets
+    version.py    the supported vLLM releases
 
 `apply_all()` (called by the plugin entry point in every vLLM process: API server, engine core,
 workers) schedules each patch to run right after its vLLM module is imported, once per process.
@@ -28,27 +29,14 @@ import os
 from . import hivis, upstream, vllm_cpu  # noqa: F401  (importing them registers their patches)
 from .helper import PatchError, patched_by, when_imported, wrap
 from .registry import REGISTRY, Patch
+from .version import SUPPORTED_VLLM, version_supported, vllm_version
 
 logger = logging.getLogger("vllm_hivis.patches")
 
-SUPPORTED_VLLM = ("0.32.0", "0.33.0")
 _applied: list[str] = []
 _failed: dict[str, str] = {}
 _scheduled: set[str] = set()
 _warned_version = False
-
-
-def vllm_version() -> str:
-    """The installed vLLM's release, without local suffixes ('0.32.0+cpu' -> '0.32.0')."""
-    import vllm
-
-    return vllm.__version__.split("+")[0]
-
-
-def version_supported(version: str | None = None) -> bool:
-    if os.environ.get("VLLM_HIVIS_SKIP_VERSION_CHECK") == "1":
-        return True
-    return (version or vllm_version()) in SUPPORTED_VLLM
 
 
 def _disabled_fixes() -> set[str]:
@@ -132,4 +120,4 @@ def _refuse_hivis(reason) -> None:
 
         return create_engine_config
 
-    wrap(EngineArgs, "create_engine_config", make, patch="refuse_hivis")
+    wrap(EngineArgs, "create_engine_config", make, patch="refuse_hivis", expect=None)  # any signature

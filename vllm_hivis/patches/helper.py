@@ -9,7 +9,8 @@
       contract changed;
     - keeps the original (``original(owner, name)``, and ``new.__wrapped__``);
     - logs what it replaced (DEBUG).
-``wrap(owner, name, make, ...)`` is ``replace`` with ``new = make(original)``.
+``wrap(owner, name, make, ...)`` is ``replace`` with ``new = make(original)``. A patch registered
+with its targets (registry.py) gets ``expect`` from there: ``expect=REGISTERED`` (the default).
 ``when_imported(module, fn)`` runs ``fn`` right after ``module`` is first imported (now, if it
 already is), so that registering the plugin imports no heavy vLLM module.
 """
@@ -26,6 +27,7 @@ from collections.abc import Callable
 logger = logging.getLogger("vllm_hivis.patches")
 
 _MARK = "__vllm_hivis_patch__"
+REGISTERED = object()  # expect=REGISTERED: the parameters the registered patch declares for this target
 _originals: dict[tuple[int, str], object] = {}
 
 
@@ -59,7 +61,18 @@ def _marked(obj):
     return getattr(obj.fget if isinstance(obj, property) else obj, _MARK, None)
 
 
-def replace(owner, name: str, new, *, patch: str, expect: str | tuple[str, ...] | None = None) -> bool:
+def _registered_expectation(patch: str, owner, name: str) -> str:
+    from . import registry
+    from .version import vllm_version
+
+    target = f"{owner.__qualname__}.{name}" if isinstance(owner, type) else name
+    p = registry.get(patch)
+    if p is None or target not in p.targets:
+        raise PatchError(f"patch {patch!r} does not declare its target {target!r} (registry.py)")
+    return p.expected(target, vllm_version())
+
+
+def replace(owner, name: str, new, *, patch: str, expect=REGISTERED) -> bool:
     """Set ``owner.name = new`` (see module doc). Returns False if this patch was already applied."""
     cur = _current(owner, name)
     who = _marked(cur)
@@ -67,6 +80,8 @@ def replace(owner, name: str, new, *, patch: str, expect: str | tuple[str, ...] 
         return False
     if who is not None:
         raise PatchError(f"{_label(owner, name)} is already patched by {who!r}; {patch!r} refuses to patch it again")
+    if expect is REGISTERED:
+        expect = _registered_expectation(patch, owner, name)
     if expect is not None:
         expected = (expect,) if isinstance(expect, str) else tuple(expect)
         got = parameters(cur)
@@ -83,7 +98,7 @@ def replace(owner, name: str, new, *, patch: str, expect: str | tuple[str, ...] 
     return True
 
 
-def wrap(owner, name: str, make: Callable, *, patch: str, expect: str | tuple[str, ...] | None = None) -> bool:
+def wrap(owner, name: str, make: Callable, *, patch: str, expect=REGISTERED) -> bool:
     """``replace(owner, name, make(original))``, the wrapper carrying the original's name and doc."""
     cur = _current(owner, name)
     if _marked(cur) == patch:

@@ -17,7 +17,7 @@ HIVIS_ENV_VARS = ("VLLM_HIVIS_STATS_DIR", "VLLM_HIVIS_TRACE_DIR", "VLLM_HIVIS_LO
                   "VLLM_HIVIS_SKIP_VERSION_CHECK", "VLLM_HIVIS_DISABLE_FIXES")
 
 
-@patch("vllm.envs", reason="hivis")
+@patch("vllm.envs", reason="hivis", targets={})
 def declare_hivis_env_vars() -> None:
     """WHAT: add the plugin's ``VLLM_HIVIS_*`` variables to ``vllm.envs.environment_variables``.
     WHY: vLLM warns about unknown ``VLLM_*`` variables, and refuses to start with
@@ -30,7 +30,8 @@ def declare_hivis_env_vars() -> None:
         envs.environment_variables.setdefault(name, lambda n=name: os.environ.get(n))
 
 
-@patch("vllm.engine.arg_utils", reason="hivis")
+@patch("vllm.engine.arg_utils", reason="hivis",
+       targets={"EngineArgs.create_engine_config": "self, usage_context=None, headless=False"})
 def accept_hivis_method() -> None:
     """WHAT: wrap ``EngineArgs.create_engine_config`` to turn ``"method": "hivis"`` into vLLM's
     EAGLE method with a validated hivis drafter, prefix caching off by default, V1 runner.
@@ -51,11 +52,11 @@ def accept_hivis_method() -> None:
 
         return create_engine_config
 
-    wrap(EngineArgs, "create_engine_config", make, patch="accept_hivis_method",
-         expect="self, usage_context=None, headless=False")
+    wrap(EngineArgs, "create_engine_config", make, patch="accept_hivis_method")
 
 
-@patch("vllm.engine.arg_utils", reason="hivis")
+@patch("vllm.engine.arg_utils", reason="hivis",
+       targets={"EngineArgs.create_speculative_config": "self, target_model_config, target_parallel_config"})
 def check_drafter_fits_target() -> None:
     """WHAT: wrap ``EngineArgs.create_speculative_config`` to check the hivis drafter against the
     target (multimodal, 1-D RoPE, same hidden size and vocab, supported parallel layout) once the
@@ -76,11 +77,11 @@ def check_drafter_fits_target() -> None:
 
         return create_speculative_config
 
-    wrap(EngineArgs, "create_speculative_config", make, patch="check_drafter_fits_target",
-         expect="self, target_model_config, target_parallel_config")
+    wrap(EngineArgs, "create_speculative_config", make, patch="check_drafter_fits_target")
 
 
-@patch("vllm.v1.worker.gpu_model_runner", reason="hivis")
+@patch("vllm.v1.worker.gpu_model_runner", reason="hivis",
+       targets={"GPUModelRunner.__init__": "self, vllm_config, device"})
 def build_hivis_proposer() -> None:
     """WHAT: while a V1 model runner of a *hivis* config is constructed, the name ``EagleProposer``
     in v1/worker/gpu_model_runner.py means ``HiViSProposer`` (instantiated at :644; the CPU runner
@@ -104,8 +105,7 @@ def build_hivis_proposer() -> None:
 
         return __init__
 
-    wrap(gpu_model_runner.GPUModelRunner, "__init__", make, patch="build_hivis_proposer",
-         expect="self, vllm_config, device")
+    wrap(gpu_model_runner.GPUModelRunner, "__init__", make, patch="build_hivis_proposer")
 
 
 @contextlib.contextmanager
@@ -120,7 +120,8 @@ def _module_global(module, name: str, value):
         setattr(module, name, old)
 
 
-@patch("vllm.v1.worker.gpu.model_runner", reason="hivis")
+@patch("vllm.v1.worker.gpu.model_runner", reason="hivis",
+       targets={"init_speculator": "vllm_config, device, req_states"})
 def use_hivis_speculator_v2() -> None:
     """WHAT: the V2 model runner builds ``HiViSSpeculator`` for hivis drafters (the module global
     ``init_speculator`` imported at v1/worker/gpu/model_runner.py:152, called at :296); other
@@ -133,11 +134,10 @@ def use_hivis_speculator_v2() -> None:
 
     from ..serving.speculator_v2 import make_init_speculator
 
-    wrap(model_runner, "init_speculator", make_init_speculator, patch="use_hivis_speculator_v2",
-         expect="vllm_config, device, req_states")
+    wrap(model_runner, "init_speculator", make_init_speculator, patch="use_hivis_speculator_v2")
 
 
-@patch("vllm.config.vllm", reason="hivis")
+@patch("vllm.config.vllm", reason="hivis", targets={"VllmConfig.num_prefill_lookahead_tokens": "self"})
 def hivis_reads_no_prefill_lookahead() -> None:
     """WHAT: ``VllmConfig.num_prefill_lookahead_tokens`` is 0 (not EAGLE's 1) for hivis.
     WHY: EAGLE drafters may read the multimodal embedding one token past a prefill chunk, so the
@@ -159,5 +159,4 @@ def hivis_reads_no_prefill_lookahead() -> None:
 
         return num_prefill_lookahead_tokens
 
-    wrap(VllmConfig, "num_prefill_lookahead_tokens", make, patch="hivis_reads_no_prefill_lookahead",
-         expect="self")
+    wrap(VllmConfig, "num_prefill_lookahead_tokens", make, patch="hivis_reads_no_prefill_lookahead")

