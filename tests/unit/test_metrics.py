@@ -1,5 +1,6 @@
 """Prefill counters (worker side), the Prometheus collector (frontend side), acceptance figures."""
 
+from vllm_hivis.serving import metrics
 from vllm_hivis.serving.acceptance import Acceptance, from_prometheus_text
 from vllm_hivis.serving.metrics import MAX_PENDING, PrefillCollector, PrefillCounters, read_totals
 
@@ -20,7 +21,7 @@ def test_counters_fold_requests_when_their_prompt_is_done(tmp_path):
     assert len(other.pending) <= MAX_PENDING + 1
     c.add("c", 4, 40, prompt_done=True)  # its last chunk, after skipping steps
     assert read_totals(str(tmp_path)) == {"drafter": 33, "target": 186, "requests": 4}
-    fams = {f.name: f.samples[0].value for f in PrefillCollector(str(tmp_path)).collect()}
+    fams = {f.name: f.samples[0].value for f in PrefillCollector([tmp_path]).collect()}
     assert fams == {"vllm:hivis_drafter_prefill_tokens": 33, "vllm:hivis_target_prefill_tokens": 186,
                     "vllm:hivis_prefill_requests": 4}
 
@@ -47,3 +48,24 @@ def test_acceptance_from_prometheus():
     assert abs(a.prefill_ratio - 13 / 94) < 1e-9
     d = a.minus(Acceptance(4, 12, 6, [3, 2, 1], 0, 0))
     assert (d.num_drafts, d.num_accepted, d.per_position_counts) == (6, 15, [6, 5, 4])
+
+
+def test_counted_once_per_engine_and_per_run(tmp_path, monkeypatch):
+    """Tensor-parallel ranks see the same rows: only the first counts. A run's counters live in
+    its own directory (vLLM's instance_id) under the root: files of earlier runs, or of other
+    servers sharing a user-set root, are never summed; nothing per-run is in the environment."""
+    monkeypatch.setenv(metrics.STATS_DIR_ENV, str(tmp_path))
+    old = metrics.run_dir("111")  # an earlier run, same root
+    PrefillCounters(old).add("x", 7, 70, prompt_done=True)
+    (tmp_path / "stale.json").write_text('{"drafter": 1000, "target": 1000, "requests": 9}')
+    d = metrics.run_dir("222")
+    assert d == tmp_path / "222"
+    rank0, rank1 = PrefillCounters(d, writer=True), PrefillCounters(d, writer=False)
+    for c in (rank0, rank1):
+        c.add("a", 5, 50, prompt_done=True)
+    assert read_totals(d) == {"drafter": 5, "target": 50, "requests": 1}
+    collector = PrefillCollector([d])
+    fams = {f.name: f.samples[0].value for f in collector.collect()}
+    assert fams["vllm:hivis_drafter_prefill_tokens"] == 5 and fams["vllm:hivis_prefill_requests"] == 1
+    monkeypatch.delenv(metrics.STATS_DIR_ENV)
+    assert metrics.stats_root().name.startswith("vllm-hivis-stats-")  # stable default: no per-run env var

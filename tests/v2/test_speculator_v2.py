@@ -262,7 +262,7 @@ def test_request_spans_from_mm_features():
 
 
 def test_prefill_counters_over_chunks():
-    c = PrefillCounters(stats_dir="")
+    c = PrefillCounters()
     sp = [as_spans([(4, 30)]), as_spans([])]
     for s, q in [(0, 16), (16, 10), (26, 24)]:
         qsl = np.array([0, q, q + 3])
@@ -389,7 +389,7 @@ def fake_batch(reqs, seed=0):
 
 def make_fake_speculator(reqs, batch, table, block_size):
     cfg = SimpleNamespace(speculative_config=SimpleNamespace(enable_adaptive_verification=False),
-                          model_config=SimpleNamespace(uses_mrope=False))
+                          model_config=SimpleNamespace(uses_mrope=False), instance_id="fake-v2")
     req_states = SimpleNamespace(prompt_len=SimpleNamespace(np=np.zeros(16, dtype=np.int32)))
     req_states.prompt_len.np[batch.idx_mapping_np] = [r.prompt_len for r in reqs]
     spec = FakeSpeculator(cfg, torch.device("cpu"), req_states)
@@ -397,7 +397,7 @@ def make_fake_speculator(reqs, batch, table, block_size):
     spec.model_state = SimpleNamespace(encoder_cache=SimpleNamespace(
         mm_features={rid: [f(*sp) for sp in r.spans] for rid, r in zip(batch.req_ids, reqs)}))
     spec.block_tables = FakeBlockTables(table, block_size)
-    spec.prefill_counters.stats_dir = ""
+    spec.prefill_counters.stats_dir = None
     return spec
 
 

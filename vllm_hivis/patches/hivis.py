@@ -42,13 +42,17 @@ def accept_hivis_method() -> None:
     from vllm.engine.arg_utils import EngineArgs
 
     from ..serving.config import rewrite_engine_args
+    from ..serving.metrics import watch_run
 
     def make(orig):
         def create_engine_config(self, *args, **kwargs):
             spec = rewrite_engine_args(self)
             if spec is not None:
                 self._hivis_spec = spec
-            return orig(self, *args, **kwargs)
+            config = orig(self, *args, **kwargs)
+            if spec is not None:
+                watch_run(config.instance_id)  # this run's prefill counters on /metrics
+            return config
 
         return create_engine_config
 

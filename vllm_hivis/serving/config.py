@@ -142,9 +142,6 @@ def rewrite_engine_args(args) -> DrafterSpec | None:
         logger.warning("hivis: VLLM_USE_V2_MODEL_RUNNER=%s selects the experimental V2 speculator, which has "
                        "not been run on a GPU yet (vllm_hivis/speculator_v2.py); unset it for the V1 runner",
                        os.environ["VLLM_USE_V2_MODEL_RUNNER"])
-    from .metrics import ensure_frontend_collector
-
-    ensure_frontend_collector()
     logger.info("hivis: drafter %s, %d speculative tokens (served through vLLM's EAGLE path)",
                 sc["model"], sc["num_speculative_tokens"])
     return spec

@@ -42,7 +42,7 @@ class HiViSProposer(EagleProposer):
         # Rejected at startup (serving/config.py); invariants from here on.
         assert not self.uses_mrope and not self.needs_extra_input_slots
         self.runner = runner
-        self.prefill_counters = PrefillCounters()
+        self.prefill_counters = PrefillCounters.for_engine(vllm_config)
         self.tracer = ProposalTracer()
 
     def load_model(self, target_model) -> None:

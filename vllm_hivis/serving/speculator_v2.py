@@ -98,7 +98,7 @@ class HiViSSpeculatorMixin:
     def __init__(self, vllm_config, device: torch.device, req_states=None):
         super().__init__(vllm_config, device)
         self.req_states = req_states  # V2 RequestState (prompt lengths for the counters)
-        self.prefill_counters = PrefillCounters()
+        self.prefill_counters = PrefillCounters.for_engine(vllm_config)
         self.tracer = ProposalTracer()
         self._hivis_step: _Step | None = None
         # Rejected at startup (serving/config.py: unknown key / M-RoPE / parallel layout); invariants here.
