@@ -219,3 +219,93 @@ def test_evaluation_between_training_runs(synthetic_dataset, random_target, tmp_
     assert len(outs) == 1 and 1 <= len(outs[0]) <= 6 and acc.num_drafts >= 1
     assert torch.is_grad_enabled()
     train(cfg(synthetic_dataset, random_target, tmp_path / "b"))  # raised "does not require grad" before
+
+
+def test_shard_stream_bounds_memory_and_is_a_function_of_the_step(synthetic_dataset, tmp_path):
+    """At most `resident` shards in memory; every shard visited; the batch of step s the same
+    whatever came before (resume); ranks draw disjoint records."""
+    from vllm_hivis.train.stream import ShardStream
+
+    # six one-record-wide shards out of the two of the fixture (3 records each)
+    man = Manifest.load(synthetic_dataset)
+    recs = load_records(synthetic_dataset)[1]
+    out = tmp_path / "six"
+    out.mkdir()
+    from vllm_hivis.train.data import write_shard
+
+    man.shards = []
+    for i in range(6):
+        f = f"shard-{i:05d}.safetensors"
+        man.shards.append({"file": f, "samples": 2, "bytes": write_shard(out / f, recs[2 * i:2 * i + 2])})
+    man.save(out)
+    s = ShardStream(str(out), man, batch_size=2, seed=3, resident=2)
+    seen = set()
+    for step in range(40):
+        seen |= {r["id"] for r in s.batch(step)}
+        assert len(s._cache) <= 2
+    assert seen == {r["id"] for r in recs}  # every record drawn, two shards at a time
+    fresh = ShardStream(str(out), man, batch_size=2, seed=3, resident=2)
+    assert [r["id"] for r in fresh.batch(37)] == [r["id"] for r in s.batch(37)]  # resume-safe
+    assert s.bound_bytes == 2 * max(sh["bytes"] for sh in man.shards)
+    a = {r["id"] for st in range(40) for r in ShardStream(str(out), man, 2, 3, rank=0, world=2).batch(st)}
+    b = {r["id"] for st in range(40) for r in ShardStream(str(out), man, 2, 3, rank=1, world=2).batch(st)}
+    assert a and b and not a & b and a | b == seen
+    assert recs[0]["hidden"].dtype == torch.float16  # held as stored, not upcast
+
+
+def test_devices(monkeypatch):
+    from vllm_hivis.train.trainer import resolve_device, to_device
+
+    assert resolve_device("cpu").type == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto") == torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu")
+    with pytest.raises(ValueError, match="no CUDA GPU"):
+        resolve_device("cuda:0")
+    b = to_device({"x": torch.ones(2), "n": 3}, torch.device("meta"))
+    assert b["x"].device.type == "meta" and b["n"] == 3
+
+
+def test_data_generation_never_holds_two_targets(random_target, tmp_path, monkeypatch):
+    """Phase 1 (vLLM answers) closes its engine before phase 2 (transformers hidden states) loads
+    the target: one device never holds two copies (a 7B target at 0.9 memory utilisation would not
+    fit twice). Each phase resumes: a second run redoes nothing."""
+    from vllm_hivis.train import generate
+
+    events, alive = [], {"answer": 0, "hidden": 0}
+
+    class FakeAnswer:
+        def __init__(self, target_dir, responses, max_tokens=160, seed=0):
+            assert alive["hidden"] == 0
+            alive["answer"] += 1
+            events.append("answer up")
+
+        def run(self, task):
+            (tmp_path / "d" / generate.answers_file(task)).write_text(json.dumps({"dtype": "float32", "answers": []}))
+
+        def close(self):
+            alive["answer"] -= 1
+            events.append("answer down")
+
+    class FakeHidden:
+        def __init__(self, target_dir):
+            assert alive["answer"] == 0, "the vLLM engine is still alive"
+            alive["hidden"] += 1
+            events.append("hidden up")
+
+        def run(self, task):
+            (tmp_path / "d" / generate.answers_file(task)).unlink()
+            path = tmp_path / "d" / task["file"]
+            path.write_bytes(b"x")
+            return {"file": task["file"], "samples": 0, "bytes": 1}
+
+    monkeypatch.setattr(generate, "AnswerWorker", FakeAnswer)
+    monkeypatch.setattr(generate, "HiddenWorker", FakeHidden)
+    size = json.loads(open(f"{random_target}/config.json").read())["vision_config"]["image_size"]
+    src = tinyworld_source("train:0:5", size)
+    man = generate.generate_dataset(random_target, str(tmp_path / "d"), src, parse_responses("greedy"), shard_size=2)
+    assert events == ["answer up", "answer down", "hidden up"] and len(man.shards) == 3
+    events.clear()
+    generate.generate_dataset(random_target, str(tmp_path / "d"), src, parse_responses("greedy"), shard_size=2)
+    assert events == []  # everything done: no worker started

@@ -3,15 +3,21 @@
     vllm-hivis generate-data --target DIR --out DATA --tinyworld train:0:4096 --responses greedy,sample:1.0
     vllm-hivis generate-data --target DIR --out DATA --jsonl prompts.jsonl
 
-The prompt list is cut into shards of ``--shard-size`` prompts; each shard is one unit of work
-for a ``TargetWorker`` (one vLLM engine + one transformers copy of the target per device). With
-``--workers N`` the shards run as a Ray Data pipeline over N actors (GPU: one actor per GPU);
-existing shard files are skipped, so an interrupted run resumes where it stopped.
+The prompt list is cut into shards of ``--shard-size`` prompts, made in two phases so that one
+device never holds two copies of the target (a 7B target at vLLM's 0.9 memory utilisation leaves
+no room for a second one):
+  1. ``AnswerWorker``: vLLM answers every shard's prompts (greedy and/or sampled) and writes
+     ``answers-XXXXX.json``; the engine is then shut down;
+  2. ``HiddenWorker``: transformers teacher-forces each answer and records the target's hidden
+     states in the dtype vLLM served the target in (fp16 for llava-1.5), writing the shard.
+With ``--workers N`` each phase runs as a Ray Data pipeline over N actors (GPU: one per GPU).
+Existing answers and shard files are skipped, so an interrupted run resumes where it stopped.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -44,10 +50,11 @@ def parse_responses(spec: str) -> list[dict]:
     return out
 
 
-class TargetWorker:
-    """One target on one device: vLLM for the answers, transformers for the hidden states."""
+class AnswerWorker:
+    """Phase 1 on one device: the target's answers from vLLM, written as ``answers-XXXXX.json``."""
 
     def __init__(self, target_dir: str, responses: list[dict], max_tokens: int = 160, seed: int = 0):
+        from transformers import AutoProcessor
         from vllm import LLM
 
         check_target(target_dir)
@@ -56,49 +63,92 @@ class TargetWorker:
         self.llm = LLM(model=target_dir, dtype="auto" if cuda else "float32", max_model_len=1024,
                        enforce_eager=not cuda, seed=seed, limit_mm_per_prompt={"image": 4},
                        gpu_memory_utilization=0.9 if cuda else 0.25)
-        self.target = HFTarget(target_dir, dtype=torch.bfloat16 if cuda else torch.float32,
-                               device="cuda" if cuda else "cpu")
+        self.dtype = str(self.llm.llm_engine.vllm_config.model_config.dtype).removeprefix("torch.")
+        self.processor = AutoProcessor.from_pretrained(target_dir, local_files_only=True)
 
     def prompt(self, item: PromptItem) -> dict:
-        text = item.chat_text(self.target.processor)
+        text = item.chat_text(self.processor)
         if item.image is None:
             return {"prompt": text}
         return {"prompt": text, "multi_modal_data": {"image": item.image}}
 
-    def run(self, items: list[PromptItem], shard: int) -> list[dict]:
+    def answer(self, items: list[PromptItem], shard: int) -> list[dict]:
         from vllm import SamplingParams
 
         prompts = [self.prompt(it) for it in items]
-        jobs = []  # (item, prompt, mode, sampling params)
+        jobs = []  # (item index, mode, sampling params)
         for r in self.responses:
             for k in range(r["n"]):
-                for j, (it, p) in enumerate(zip(items, prompts)):
+                for j in range(len(items)):
                     seed = None if r["mode"] == "greedy" else hash((self.seed, shard, j, k)) % (2**31)
-                    jobs.append((it, p, f"{r['mode']}{k if r['n'] > 1 else ''}",
+                    jobs.append((j, f"{r['mode']}{k if r['n'] > 1 else ''}",
                                  SamplingParams(temperature=r["temperature"], max_tokens=self.max_tokens, seed=seed)))
-        outs = self.llm.generate([j[1] for j in jobs], [j[3] for j in jobs], use_tqdm=False)
-        records = []
-        for (it, _, mode, _), o in zip(jobs, outs):
-            prompt_ids = list(o.prompt_token_ids)
-            ids = torch.tensor(prompt_ids + list(o.outputs[0].token_ids))
-            spans = image_spans(prompt_ids, self.target.image_token_id)
-            hidden, image_embeds = self.target.hidden_states(ids, it.image)
-            assert len(image_embeds) == int(np.sum(spans[:, 1])), "image rows != placeholder rows"
-            records.append({"id": it.id, "kind": it.kind, "mode": mode, "input_ids": ids, "prompt_len": len(prompt_ids),
-                            "spans": spans, "hidden": hidden, "image_embeds": image_embeds})
-        return records
+        outs = self.llm.generate([prompts[j] for j, _, _ in jobs], [sp for _, _, sp in jobs], use_tqdm=False)
+        return [{"item": j, "id": items[j].id, "kind": items[j].kind, "mode": mode,
+                 "input_ids": list(o.prompt_token_ids) + list(o.outputs[0].token_ids),
+                 "prompt_len": len(o.prompt_token_ids)} for (j, mode, _), o in zip(jobs, outs)]
 
-    def __call__(self, batch: dict) -> dict:
-        """Ray Data entry: generate and write the shards named in the batch."""
-        results = [self.make_shard(json.loads(s)) for s in batch["task"]]
-        return {"result": np.array([json.dumps(r) for r in results])}
-
-    def make_shard(self, task: dict) -> dict:
+    def run(self, task: dict) -> dict:
         items = prompt_source(task["source"], task["start"], task["stop"])
-        records = self.run(items, task["shard"])
-        path = Path(task["out"]) / task["file"]
-        nbytes = write_shard(path, records)
+        answers = self.answer(items, task["shard"])
+        path = Path(task["out"]) / answers_file(task)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"dtype": self.dtype, "answers": answers}))
+        os.replace(tmp, path)
+        return {"file": path.name, "answers": len(answers)}
+
+    def close(self) -> None:
+        """Shut the engine down and give its memory back (phase 2 needs the device)."""
+        import gc
+
+        self.llm.llm_engine.engine_core.shutdown()
+        del self.llm
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def __call__(self, batch: dict) -> dict:  # Ray Data entry
+        return {"result": np.array([json.dumps(self.run(json.loads(t))) for t in batch["task"]])}
+
+
+class HiddenWorker:
+    """Phase 2 on one device: teacher-forced hidden states of the answers, in the dtype the target
+    was served in (vLLM's engine dtype, recorded by phase 1), written as the shard."""
+
+    def __init__(self, target_dir: str):
+        self.target_dir = target_dir
+        self.target: HFTarget | None = None
+
+    def _target(self, dtype: str) -> HFTarget:
+        if self.target is None or self.target.dtype != getattr(torch, dtype):
+            cuda = torch.cuda.is_available()
+            self.target = HFTarget(self.target_dir, dtype=getattr(torch, dtype), device="cuda" if cuda else "cpu")
+        return self.target
+
+    def run(self, task: dict) -> dict:
+        path = Path(task["out"]) / answers_file(task)
+        data = json.loads(path.read_text())
+        target = self._target(data["dtype"])
+        items = prompt_source(task["source"], task["start"], task["stop"])
+        records = []
+        for a in data["answers"]:
+            ids = torch.tensor(a["input_ids"])
+            spans = image_spans(a["input_ids"][: a["prompt_len"]], target.image_token_id)
+            hidden, image_embeds = target.hidden_states(ids, items[a["item"]].image)
+            assert len(image_embeds) == int(np.sum(spans[:, 1])), "image rows != placeholder rows"
+            records.append({"id": a["id"], "kind": a["kind"], "mode": a["mode"], "input_ids": ids,
+                            "prompt_len": a["prompt_len"], "spans": spans, "hidden": hidden,
+                            "image_embeds": image_embeds})
+        nbytes = write_shard(Path(task["out"]) / task["file"], records)
+        path.unlink()
         return {"file": task["file"], "samples": len(records), "bytes": nbytes}
+
+    def __call__(self, batch: dict) -> dict:  # Ray Data entry
+        return {"result": np.array([json.dumps(self.run(json.loads(t))) for t in batch["task"]])}
+
+
+def answers_file(task: dict) -> str:
+    return f"answers-{task['shard']:05d}.json"
 
 
 def plan_shards(out: Path, source: dict, num_items: int, shard_size: int) -> list[dict]:
@@ -134,19 +184,33 @@ def generate_dataset(target_dir: str, out_dir: str, source: dict, responses: lis
     if need > free:
         raise DataError(f"not enough disk space in {out}: ~{need / 2**30:.1f} GiB needed, {free / 2**30:.1f} GiB free")
     todo = [t for t in tasks if not t["done"]]
+    # Phase 1 (vLLM answers) for shards without answers, then phase 2 (hidden states): never both
+    # models on a device at once, and each phase resumes where it stopped.
+    answer = [t for t in todo if not (out / answers_file(t)).is_file()]
+    ray_kw = dict(batch_size=1, concurrency=workers, **(worker_resources or {"num_cpus": 1}))
+    if answer and workers == 0:
+        worker = AnswerWorker(target_dir, responses, max_tokens, seed)
+        try:
+            for t in tqdm(answer, desc="answers (vLLM)"):
+                worker.run(t)
+        finally:
+            worker.close()
+    elif answer:
+        import ray
+
+        ray.data.from_items([{"task": json.dumps(t)} for t in answer]).map_batches(
+            AnswerWorker, fn_constructor_kwargs=dict(target_dir=target_dir, responses=responses,
+                                                     max_tokens=max_tokens, seed=seed), **ray_kw).take_all()
     results = []
     if todo and workers == 0:
-        worker = TargetWorker(target_dir, responses, max_tokens, seed)
-        for t in tqdm(todo, desc="shards"):
-            results.append(worker.make_shard(t))
+        worker = HiddenWorker(target_dir)
+        results = [worker.run(t) for t in tqdm(todo, desc="hidden states")]
     elif todo:
         import ray
 
-        ds = ray.data.from_items([{"task": json.dumps(t)} for t in todo])
-        res = ds.map_batches(TargetWorker, fn_constructor_kwargs=dict(target_dir=target_dir, responses=responses,
-                                                                       max_tokens=max_tokens, seed=seed),
-                             batch_size=1, concurrency=workers, **(worker_resources or {"num_cpus": 1}))
-        results = [json.loads(r["result"]) for r in res.take_all()]
+        res = ray.data.from_items([{"task": json.dumps(t)} for t in todo]).map_batches(
+            HiddenWorker, fn_constructor_kwargs=dict(target_dir=target_dir), **ray_kw).take_all()
+        results = [json.loads(r["result"]) for r in res]
     known = {sh["file"]: sh for sh in (Manifest.load(out).shards if (out / "manifest.json").is_file() else [])}
     known.update({r["file"]: r for r in results})
     for t in tasks:  # shards on disk that no manifest lists (a run killed after writing them)

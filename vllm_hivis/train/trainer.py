@@ -3,6 +3,10 @@
     vllm-hivis train --data DATA --target TARGET --out RUN --recipe time-aware --steps 3000
     vllm-hivis train ... --workers 2      # Ray Train TorchTrainer, DDP (gloo on CPU, NCCL on GPUs)
 
+Device: ``--device auto`` (the default) trains on CUDA when a GPU is present (each Ray Train worker
+on its own GPU), with bf16 autocast, batches moved to the model's device; else on the CPU in fp32.
+Data: streamed shard by shard (stream.py): at most ``--resident-shards`` shards in memory.
+
 The run directory holds ``checkpoint.pt`` (training state; an interrupted run resumes from it),
 ``log.jsonl``, ``loss.png`` and, at the end, the exported drafter in ``drafter/``: the hivis
 format (hivis and text kinds), vLLM's EAGLE format (eagle kind) or the ViSpec-style bundle.
@@ -17,15 +21,15 @@ import os
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
-from .data import DataError, Manifest, load_records, tokenizer_fingerprint
+from .data import DataError, Manifest, tokenizer_fingerprint
 from .drafters import build_drafter
 from .examples import collate
 from .losses import DraftLoss, Recipe
+from .stream import ShardStream
 from .target import check_target
 
 
@@ -45,6 +49,23 @@ class TrainConfig:
     max_records: int | None = None
     threads: int = 0  # torch threads per worker (0: leave torch's default)
     stop_after: int | None = None  # stop (resumably) after this many steps of this run (tests)
+    device: str = "auto"  # auto: CUDA when present (Ray Train: the worker's GPU), else the CPU
+    resident_shards: int = 4  # data shards held in memory at once (stream.py)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when a GPU is present, else the CPU; anything else as given."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: no CUDA GPU is available here")
+    return dev
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    """Every tensor of a collated batch on `device` (non-blocking from pinned memory on CUDA)."""
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def frozen_target_parts(target_dir: str) -> tuple[torch.nn.Embedding, torch.nn.Linear, dict]:
@@ -85,25 +106,31 @@ def _loop(cfg_dict: dict) -> None:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out)
-    man, records = load_records(cfg.data, cfg.max_records)
+    if ray_ctx is not None:
+        import ray.train.torch
+
+        device = ray.train.torch.get_device()
+    else:
+        device = resolve_device(cfg.device)
+    stream = ShardStream(cfg.data, Manifest.load(cfg.data), cfg.batch_size, cfg.seed, rank, world,
+                         cfg.resident_shards, cfg.max_records)
+    if rank == 0:
+        print(f"[train] {recipe.kind} drafter on {device}; data: {len(stream.shards)} shards streamed, <= "
+              f"{stream.resident} resident (~{stream.bound_bytes / 2**20:.0f} MiB)", flush=True)
     embed, lm_head, tcfg = frozen_target_parts(cfg.target)
     model = build_drafter(recipe, tcfg["text_config"])
-    examples = [model.example(r) for r in records[rank::world]]
-    examples = [e for e in examples if e["loss_mask"].any()]
-    if not examples:
-        raise DataError(f"dataset {cfg.data} has no answer tokens to train on")
+    embed, lm_head, model = embed.to(device), lm_head.to(device), model.to(device)
+    autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, betas=(0.9, 0.95),
                             weight_decay=0.0)
     start, ckpt = 0, out / "checkpoint.pt"
     if ckpt.is_file():
-        st = torch.load(ckpt, weights_only=True)
+        st = torch.load(ckpt, weights_only=True, map_location=device)
         model.load_state_dict(st["model"])
         opt.load_state_dict(st["opt"])
         start = st["step"]
     loss_fn = DraftLoss(model, embed, lm_head, recipe)
     if ray_ctx is not None:  # DDP over the Ray Train worker group (gloo on CPU, NCCL on GPUs)
-        import ray.train.torch
-
         loss_fn = ray.train.torch.prepare_model(loss_fn, parallel_strategy_kwargs={"find_unused_parameters": True})
     log = (out / "log.jsonl").open("a") if rank == 0 else None
     stop = cfg.steps if cfg.stop_after is None else min(cfg.steps, start + cfg.stop_after)
@@ -111,11 +138,12 @@ def _loop(cfg_dict: dict) -> None:
                disable=rank != 0, mininterval=5)
     t0 = time.time()
     for step in bar:
-        rng = np.random.default_rng([cfg.seed, rank, step])  # a pure function of the step: resumable
-        batch = collate([examples[i] for i in rng.integers(0, len(examples), cfg.batch_size)])
+        # the batch is a pure function of the step (resumable); examples are built as drawn
+        batch = to_device(collate([model.example(r) for r in stream.batch(step)]), device)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg.steps, cfg.lr, cfg.warmup)
-        loss, stats = loss_fn(batch)
+        with autocast:
+            loss, stats = loss_fn(batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
@@ -183,7 +211,8 @@ def _git_commit() -> str:
 def preflight(cfg: TrainConfig) -> None:
     """Every input problem a run can have, caught before any work starts (DataError / ValueError)."""
     Recipe(**cfg.recipe).checked()
-    for name in ("steps", "batch_size", "ckpt_every"):
+    resolve_device(cfg.device)
+    for name in ("steps", "batch_size", "ckpt_every", "resident_shards"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}")
     if not cfg.lr > 0:
@@ -216,7 +245,7 @@ def train(cfg: TrainConfig) -> Path:
 
     if not ray.is_initialized():
         ray.init(num_cpus=max(2, cfg.workers), include_dashboard=False, log_to_driver=False)
-    cuda = torch.cuda.is_available()
+    cuda = resolve_device(cfg.device).type == "cuda"
     trainer = TorchTrainer(
         _loop, train_loop_config=d,
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cuda, resources_per_worker={"CPU": 1}),
@@ -244,12 +273,15 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workers", type=int, default=0, help="Ray Train workers (0: in this process)")
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--device", default="auto", help="auto (CUDA when present) | cpu | cuda | cuda:N")
+    ap.add_argument("--resident-shards", type=int, default=4, help="data shards held in memory at once")
     args = ap.parse_args(argv)
     try:
         recipe = Recipe.named(args.recipe, kind=args.kind, unroll=args.unroll)
         cfg = TrainConfig(data=args.data, target=args.target, out=args.out, recipe=dataclasses.asdict(recipe),
                           steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                          workers=args.workers, threads=args.threads)
+                          workers=args.workers, threads=args.threads, device=args.device,
+                          resident_shards=args.resident_shards)
         preflight(cfg)  # bad input fails here, before any work (ValueError covers DataError)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
