@@ -78,3 +78,15 @@ def model_runner(llm):
     """The V1 model runner of an in-process engine (VLLM_ENABLE_V1_MULTIPROCESSING=0)."""
     core = llm.llm_engine.engine_core.engine_core
     return core.model_executor.driver_worker.worker.model_runner
+
+
+def transformers_greedy(questions, images, max_new_tokens=128):
+    """The tiny target's greedy answers in transformers (the reference for server outputs)."""
+    from transformers import AutoTokenizer
+
+    from hivis_testbed.tinyworld.evaluate import greedy
+    from vllm_hivis.train.target import HFTarget
+
+    model = HFTarget(assets.tiny_target()).hf
+    return greedy(model, AutoTokenizer.from_pretrained(assets.tiny_target()), questions, images,
+                  max_new_tokens=max_new_tokens)

@@ -15,7 +15,7 @@ from hivis_testbed.server import CPU_DEFAULTS, VLLMServer, vllm_executable
 from hivis_testbed.tinyworld.dataset import sample
 from vllm_hivis.serving.acceptance import from_prometheus_text
 
-from .helpers import hivis_spec, image_size
+from .helpers import hivis_spec, image_size, transformers_greedy
 
 pytestmark = pytest.mark.e2e
 
@@ -44,16 +44,6 @@ def stock_answers():
     with VLLMServer(assets.tiny_target()) as srv:
         _, _, answers, streamed = ask_all(srv.url)
     return answers, streamed
-
-
-def transformers_greedy(questions, images):
-    from transformers import AutoTokenizer
-
-    from hivis_testbed.tinyworld.evaluate import greedy
-    from vllm_hivis.train.target import HFTarget
-
-    model = HFTarget(assets.tiny_target()).hf
-    return greedy(model, AutoTokenizer.from_pretrained(assets.tiny_target()), questions, images, max_new_tokens=128)
 
 
 def test_stock_vllm_serves_the_tiny_target(stock_answers):

@@ -32,7 +32,10 @@ def test_register_is_idempotent_and_registers_the_drafter():
 
 def test_every_patch_applies_on_this_vllm():
     """All registered patches found their targets with the signatures they were written for."""
-    import vllm.v1.sample.rejection_sampler  # noqa: F401  (import every patched module)
+    import vllm.entrypoints.openai.chat_completion.serving  # noqa: F401  (import every patched module)
+    import vllm.multimodal.media.connector  # noqa: F401
+    import vllm.v1.engine.async_llm  # noqa: F401
+    import vllm.v1.sample.rejection_sampler  # noqa: F401
     import vllm.v1.spec_decode.llm_base_proposer  # noqa: F401
     import vllm.v1.worker.gpu.model_runner  # noqa: F401
     import vllm.v1.worker.gpu_model_runner  # noqa: F401
