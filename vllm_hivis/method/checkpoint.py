@@ -6,14 +6,17 @@
                                      lm_head: both are shared from the target at load time
     <drafter dir>/provenance.json    optional: how it was made (command, seed, commit, metrics)
 
-This module imports neither vLLM nor transformers, so config validation stays cheap.
+This module imports neither vLLM nor transformers, so config validation stays cheap (the weights
+are checked from the safetensors header alone: names, shapes, dtypes; no tensor is read).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
+import struct
 from pathlib import Path
 
 ARCHITECTURE = "HiViSDrafterForCausalLM"
@@ -38,6 +41,7 @@ class DrafterSpec:
     uses_target_features: bool = True  # False: a text-only drafter (the feature input is zero)
     version: int = FORMAT_VERSION
     target: str | None = None  # free text: which target it was trained for
+    tokenizer: str | None = None  # tokenizer_fingerprint of that target (None: not recorded)
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -85,10 +89,85 @@ def read_spec(drafter_dir: str | os.PathLike) -> DrafterSpec:
     if cfg.get("num_hidden_layers") != 1:
         raise DrafterFormatError(f"{drafter_dir}: a hivis drafter has exactly 1 decoder layer, "
                                  f"config.json says num_hidden_layers={cfg.get('num_hidden_layers')}")
-    if not (Path(drafter_dir) / "model.safetensors").is_file():
-        raise DrafterFormatError(f"{drafter_dir}: model.safetensors is missing (weights are stored as "
-                                 "safetensors only)")
+    weights = Path(drafter_dir) / "model.safetensors"
+    if not weights.is_file():
+        pickles = sorted(p.name for p in Path(drafter_dir).glob("*") if p.suffix in (".bin", ".pt", ".pth", ".pkl"))
+        hint = (f" (found pickle weights {pickles}: they are never loaded, since unpickling runs code; convert "
+                "them with safetensors.torch.save_file)") if pickles else ""
+        raise DrafterFormatError(f"{drafter_dir}: model.safetensors is missing (weights are read from safetensors "
+                                 f"only){hint}")
+    check_weights(weights, expected_tensors(cfg, spec))
     return spec
+
+
+def expected_tensors(cfg: dict, spec: DrafterSpec) -> dict[str, tuple[int, ...]]:
+    """name -> shape of every tensor of a drafter checkpoint with this config.json."""
+    H, inter = spec.hidden_size, cfg.get("intermediate_size")
+    heads = cfg.get("num_attention_heads")
+    kv = cfg.get("num_key_value_heads") or heads
+    if not (isinstance(heads, int) and heads > 0 and isinstance(inter, int) and inter > 0):
+        raise DrafterFormatError("config.json needs positive integer num_attention_heads and intermediate_size")
+    hd = cfg.get("head_dim") or H // heads
+    out = {"fc.weight": (H, 2 * H), "layers.0.post_attention_layernorm.weight": (H,),
+           "layers.0.self_attn.q_proj.weight": (heads * hd, H), "layers.0.self_attn.k_proj.weight": (kv * hd, H),
+           "layers.0.self_attn.v_proj.weight": (kv * hd, H), "layers.0.self_attn.o_proj.weight": (H, heads * hd),
+           "layers.0.mlp.gate_proj.weight": (inter, H), "layers.0.mlp.up_proj.weight": (inter, H),
+           "layers.0.mlp.down_proj.weight": (H, inter)}
+    if spec.step_bias_steps:
+        out["step_bias"] = (spec.step_bias_steps, H)
+    return out
+
+
+def safetensors_header(path: str | os.PathLike) -> dict:
+    """The JSON header of a safetensors file (name -> {dtype, shape, data_offsets}), without
+    reading any tensor. Raises DrafterFormatError for anything that is not a safetensors file."""
+    path = Path(path)
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(8)
+        n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+        if not 2 <= n <= min(size - 8, 100 * 2**20):
+            raise DrafterFormatError(f"{path} is not a safetensors file (corrupt or truncated header)")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise DrafterFormatError(f"{path} is not a safetensors file (its header is not JSON)") from None
+    header.pop("__metadata__", None)
+    end = max((int(v["data_offsets"][1]) for v in header.values()), default=0)
+    if 8 + n + end > size:
+        raise DrafterFormatError(f"{path} is truncated: its header describes {8 + n + end} bytes, the file has {size}")
+    return header
+
+
+def check_weights(path: str | os.PathLike, expected: dict[str, tuple[int, ...]]) -> None:
+    """The checkpoint holds exactly the expected tensors, with those shapes, in a float dtype."""
+    header = safetensors_header(path)
+    missing = sorted(set(expected) - set(header))
+    extra = sorted(set(header) - set(expected))
+    if missing or extra:
+        shared = [k for k in extra if k.startswith(("embed_tokens", "lm_head", "model.embed_tokens"))]
+        note = (" (embed_tokens / lm_head are shared from the target and must not be in the checkpoint)"
+                if shared else "")
+        raise DrafterFormatError(f"{path}: the weights do not match config.json: missing {missing}, unexpected "
+                                 f"{extra}{note}")
+    for name, shape in expected.items():
+        got = tuple(header[name]["shape"])
+        if got != shape:
+            raise DrafterFormatError(f"{path}: tensor {name} has shape {list(got)}, config.json implies {list(shape)}")
+        if header[name]["dtype"] not in ("F16", "BF16", "F32"):
+            raise DrafterFormatError(f"{path}: tensor {name} is {header[name]['dtype']}; expected F16, BF16 or F32")
+
+
+def tokenizer_fingerprint(model_dir: str | os.PathLike) -> str | None:
+    """Hash of a model directory's tokenizer files (None: the directory has none): data, drafter
+    and target must agree on it."""
+    h, found = hashlib.sha256(), False
+    for name in ("tokenizer.json", "tokenizer.model", "vocab.json", "merges.txt"):
+        p = Path(model_dir) / name
+        if p.is_file():
+            h.update(p.read_bytes())
+            found = True
+    return h.hexdigest()[:16] if found else None
 
 
 def llama_config_dict(text_config: dict, spec: DrafterSpec, intermediate_size: int | None = None,

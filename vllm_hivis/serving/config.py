@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import os
 
-from ..method.checkpoint import ARCHITECTURE, DrafterFormatError, DrafterSpec, read_spec
+from ..method.checkpoint import ARCHITECTURE, DrafterFormatError, DrafterSpec, read_spec, tokenizer_fingerprint
 
 logger = logging.getLogger("vllm_hivis.serving.config")
 
@@ -88,6 +88,13 @@ def check_against_target(spec: DrafterSpec, sc: dict, target_model_config, targe
     if spec.vocab_size != V:
         raise HiViSConfigError(f"drafter {drafter!r} has vocab size {spec.vocab_size} but target {name!r} has {V}; "
                                "the drafter shares the target's embedding and LM head")
+    tok_dir = getattr(target_model_config, "tokenizer", None) or name
+    if spec.tokenizer is not None and tok_dir and os.path.isdir(tok_dir):  # a hub name: not checked (no download)
+        got = tokenizer_fingerprint(tok_dir)
+        if got is not None and got != spec.tokenizer:
+            raise HiViSConfigError(f"drafter {drafter!r} was trained for a target whose tokenizer differs from "
+                                   f"{tok_dir!r}'s (fingerprint {spec.tokenizer} vs {got}); token ids would not "
+                                   "mean the same words: train a drafter for this target")
     if target_parallel_config is not None:
         for field, what in (("data_parallel_size", "data parallelism"),
                             ("decode_context_parallel_size", "decode context parallelism"),

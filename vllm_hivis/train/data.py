@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import errno
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -28,6 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+
+from ..method.checkpoint import tokenizer_fingerprint  # noqa: F401  (re-exported: data carries it)
 
 HIDDEN_CONVENTION = "last-layer hidden state after the final norm, at every target position"
 
@@ -44,16 +45,6 @@ def image_spans(prompt_ids: list[int], image_token_id: int) -> np.ndarray:
     edges = np.flatnonzero(is_img[1:] != is_img[:-1])
     starts, ends = edges[0::2], edges[1::2]
     return np.stack([starts, ends - starts], axis=1).astype(np.int64) if len(starts) else np.zeros((0, 2), np.int64)
-
-
-def tokenizer_fingerprint(model_dir: str | os.PathLike) -> str:
-    """Hash of the target's tokenizer files: data, drafter and target must agree on it."""
-    h = hashlib.sha256()
-    for name in ("tokenizer.json", "tokenizer.model", "vocab.json", "merges.txt"):
-        p = Path(model_dir) / name
-        if p.is_file():
-            h.update(p.read_bytes())
-    return h.hexdigest()[:16]
 
 
 # -- shard storage --------------------------------------------------------------------------

@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-from ..method.checkpoint import DrafterSpec, llama_config_dict, read_config, read_spec
+from ..method.checkpoint import DrafterSpec, llama_config_dict, read_config, read_spec, tokenizer_fingerprint
 
 
 class HiViSDrafter(nn.Module):
@@ -94,11 +94,14 @@ class HiViSDrafter(nn.Module):
                               past_key_values=cache, use_cache=cache is not None)
 
     def export(self, out_dir: str | os.PathLike, provenance: dict | None = None, target: str | None = None) -> Path:
+        """Write the drafter in the format that serves it; `target`: the target's directory (its
+        name and tokenizer fingerprint are recorded, so serving can check the pairing)."""
         if self.kind == "eagle":  # vLLM's built-in "method": "eagle" serves it
             from .baselines import export_eagle
 
             return export_eagle(self, out_dir, provenance)
-        self.spec = dataclasses.replace(self.spec, target=target)
+        tok = tokenizer_fingerprint(target) if target is not None and Path(target).is_dir() else None
+        self.spec = dataclasses.replace(self.spec, target=target, tokenizer=tok)
         return self.save_pretrained(out_dir, provenance=provenance)
 
     # -- checkpoint I/O (format: method/checkpoint.py) -----------------------------------------
