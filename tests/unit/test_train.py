@@ -309,3 +309,34 @@ def test_data_generation_never_holds_two_targets(random_target, tmp_path, monkey
     events.clear()
     generate.generate_dataset(random_target, str(tmp_path / "d"), src, parse_responses("greedy"), shard_size=2)
     assert events == []  # everything done: no worker started
+
+
+@pytest.mark.parametrize("cli,argv,words", [
+    ("generate", ["--shard-size", "0"], "--shard-size must be >= 1"),
+    ("generate", ["--workers", "-1"], "--workers must be >= 0"),
+    ("generate", ["--tinyworld", "train:0"], "expects SPLIT:START:COUNT"),
+    ("generate", ["--tinyworld", "holdout:0:5"], "split must be one of"),
+    ("generate", ["--prompt-kind", "poem"], "prompt kind 'poem' unknown"),
+    ("generate", ["--responses", "beam"], "unknown response mode 'beam'"),
+    ("evaluate", ["-k", "0"], "-k must be in 1..32"),
+    ("evaluate", ["--drafter", "/nonexistent"], "does not exist"),
+    ("evaluate", ["--prompt-kind", "poem"], "prompt kind 'poem' unknown"),
+])
+def test_cli_inputs_are_checked_before_any_work(random_target, tmp_path, cli, argv, words):
+    """Every CLI input problem stops the command before a model is loaded or a file written."""
+    from vllm_hivis.train import evaluate, generate
+
+    base = {"generate": ["--target", random_target, "--out", str(tmp_path / "d"), "--tinyworld", "train:0:4"],
+            "evaluate": ["--target", random_target, "--drafter", assets_drafter(), "--tinyworld", "test:0:2"]}[cli]
+    merged = dict(zip(base[::2], base[1::2])) | dict(zip(argv[::2], argv[1::2]))
+    main = {"generate": generate.main, "evaluate": evaluate.main}[cli]
+    with pytest.raises(SystemExit) as err:
+        main([x for kv in merged.items() for x in kv])
+    assert words in str(err.value)
+    assert not (tmp_path / "d").exists()
+
+
+def assets_drafter():
+    from hivis_testbed import assets
+
+    return assets.tiny_drafter()

@@ -134,8 +134,15 @@ def main(argv=None) -> int:
     ap.add_argument("--max-tokens", type=int, default=160)
     ap.add_argument("--out", help="write the summary JSON here")
     args = ap.parse_args(argv)
-    cfg = check_target(args.target)
-    items = prompt_source(tinyworld_source(args.tinyworld, cfg["vision_config"]["image_size"], args.prompt_kind))
+    try:  # every input problem before the target is loaded
+        if not 1 <= args.num_speculative_tokens <= 32 or args.max_tokens < 1:
+            raise ValueError(f"-k must be in 1..32 and --max-tokens >= 1, got {args.num_speculative_tokens}, "
+                             f"{args.max_tokens}")
+        cfg = check_target(args.target)
+        load_drafter(args.drafter)
+        items = prompt_source(tinyworld_source(args.tinyworld, cfg["vision_config"]["image_size"], args.prompt_kind))
+    except (ValueError, OSError) as e:
+        raise SystemExit(f"error: {e}") from None
     acc, _ = evaluate(args.target, args.drafter, items, args.num_speculative_tokens, args.max_tokens)
     text = json.dumps({"drafter": args.drafter, "prompts": args.tinyworld, "k": args.num_speculative_tokens,
                        **acc.summary()}, indent=2)

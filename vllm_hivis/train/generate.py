@@ -240,6 +240,11 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     try:
+        for name in ("shard_size", "max_tokens"):
+            if getattr(args, name) < 1:
+                raise DataError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+        if args.workers < 0:
+            raise DataError(f"--workers must be >= 0 (0: in this process), got {args.workers}")
         cfg = check_target(args.target)
         source = (tinyworld_source(args.tinyworld, cfg["vision_config"]["image_size"], args.prompt_kind)
                   if args.tinyworld else jsonl_source(args.jsonl))

@@ -48,9 +48,12 @@ def tinyworld_source(spec: str, image_size: int, prompt_kind: str = "mix") -> di
     except ValueError:
         raise DataError(f"--tinyworld expects SPLIT:START:COUNT (e.g. train:0:4000), got {spec!r}") from None
     from hivis_testbed.tinyworld.dataset import SPLITS
+    from hivis_testbed.tinyworld.prompts import KINDS
 
     if split not in SPLITS or start < 0 or count < 1:
         raise DataError(f"--tinyworld {spec!r}: split must be one of {sorted(SPLITS)}, START >= 0 and COUNT >= 1")
+    if prompt_kind not in ("mix", *KINDS):
+        raise DataError(f"prompt kind {prompt_kind!r} unknown; expected 'mix' or one of {list(KINDS)}")
     return {"kind": "tinyworld", "split": split, "start": start, "count": count, "image_size": int(image_size),
             "prompt_kind": prompt_kind}
 
