@@ -16,6 +16,7 @@ index arithmetic is method/plan.py's, shared with the V2 speculator.
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import numpy as np
 import torch
@@ -34,6 +35,8 @@ from .config import is_hivis
 from .metrics import PrefillCounters
 from .trace import ProposalTracer
 
+logger = logging.getLogger("vllm_hivis.proposer")
+
 
 class HiViSProposer(EagleProposer):
     def __init__(self, vllm_config, device: torch.device, runner=None):
@@ -44,6 +47,8 @@ class HiViSProposer(EagleProposer):
         self.runner = runner
         self.prefill_counters = PrefillCounters.for_engine(vllm_config)
         self.tracer = ProposalTracer()
+        self.failures = 0  # proposals that raised and fell back (see _fallback_drafts)
+        self.last_plan: StepPlan | None = None  # this step's plan (faults tests, debugging)
 
     def load_model(self, target_model) -> None:
         super().load_model(target_model)
@@ -52,9 +57,24 @@ class HiViSProposer(EagleProposer):
 
     def propose(self, *args, **kwargs) -> torch.Tensor:
         self.model.begin_proposal()
-        draft_token_ids = super().propose(*args, **kwargs)
+        try:
+            draft_token_ids = super().propose(*args, **kwargs)
+        except Exception:  # a drafter fault must cost acceptance, never an answer or the engine
+            return self._fallback_drafts(kwargs)
         self.tracer.end(draft_token_ids)
         return draft_token_ids
+
+    def _fallback_drafts(self, kwargs) -> torch.Tensor:
+        """Drafts for a step whose drafting failed: token 0 everywhere ([B, K] int64). The target
+        verifies every draft, so the step is still exact (no-spec speed: nothing is accepted unless
+        the target agrees); the next step drafts normally (the drafter's state is rebuilt from the
+        spans and the verified rows every step)."""
+        self.failures += 1
+        if self.failures <= 3 or self.failures % 1000 == 0:
+            logger.exception("hivis: drafting failed (failure %d); this step falls back to no speculation",
+                             self.failures)
+        B = kwargs["common_attn_metadata"].batch_size()
+        return torch.zeros(B, kwargs["num_speculative_tokens"], dtype=torch.int64, device=self.input_ids.device)
 
     # -- the image hiding -------------------------------------------------------------------
     def _plan(self, cad) -> StepPlan:
@@ -71,6 +91,7 @@ class HiViSProposer(EagleProposer):
         qsl = cad.query_start_loc_cpu[: B + 1].numpy().astype(np.int64)
         plan = plan_step(num_computed, qsl, spans, prompt_lens)
         record_prefill(self.prefill_counters, req_ids, plan, num_computed, qsl, prompt_lens)
+        self.last_plan = plan
         return plan
 
     def set_inputs_first_pass(self, target_token_ids, next_token_ids, target_positions, target_hidden_states,
