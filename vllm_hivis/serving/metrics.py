@@ -139,7 +139,7 @@ def read_totals(*run_dirs: str | os.PathLike) -> dict[str, int]:
 
 
 class PrefillCollector:
-    """prometheus_client custom collector over the run directories this process started."""
+    """prometheus_client custom collector over a run's directory (all its engines' files)."""
 
     def __init__(self, run_dirs: list[Path] | None = None):
         self.run_dirs = run_dirs if run_dirs is not None else []
@@ -161,8 +161,9 @@ _collector: PrefillCollector | None = None
 
 
 def watch_run(instance_id: str) -> Path:
-    """In the process that builds an engine config: expose that run's counters (the collector is
-    registered once per process and sums every run it watches) and remove them at exit."""
+    """In the process that builds an engine config: expose that run's counters from now on (the
+    collector is registered once per process and follows the latest run, as vLLM's own counters
+    start over with a new engine) and remove the run's files at exit."""
     global _collector
     d = run_dir(instance_id)
     if _collector is None:
@@ -170,7 +171,7 @@ def watch_run(instance_id: str) -> Path:
 
         _collector = PrefillCollector()
         REGISTRY.register(_collector)
-    if d not in _collector.run_dirs:
-        _collector.run_dirs.append(d)
+    if _collector.run_dirs != [d]:
+        _collector.run_dirs[:] = [d]
         atexit.register(shutil.rmtree, d, True)
     return d
