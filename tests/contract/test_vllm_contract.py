@@ -82,7 +82,8 @@ USES = [
     ("vllm.v1.worker.gpu_input_batch", "CachedRequestState", "has", {"mm_features", "num_prompt_tokens",
                                                                     "get_token_id"}),
     ("vllm.v1.worker.gpu_input_batch", "InputBatch", "has",
-     {"num_computed_tokens_cpu", "req_ids", "generators", "num_tokens_no_spec", "num_reqs", "vocab_size"}),
+     {"num_computed_tokens_cpu", "req_ids", "generators", "num_tokens_no_spec", "num_reqs", "vocab_size",
+      "num_prompt_tokens"}),
     ("vllm.multimodal.inputs", "PlaceholderRange", "has", {"offset", "length"}),
     ("vllm.multimodal.inputs", "MultiModalFeatureSpec", "has", {"mm_position"}),
     # the drafter model (serving/drafter.py)

@@ -128,3 +128,92 @@ def test_worked_examples_of_the_docstrings():
     tis = compacted_sample_rows(torch.tensor([6, 9]), torch.tensor([0, 7, 10]), torch.from_numpy(plan.query_start_loc))
     assert tis.tolist() == [3, 6]
     assert last_token_indices(torch.tensor([0, 4, 7]), torch.tensor([0, 1])).tolist() == [3, 5]
+
+
+def plan_step_loop(num_computed, query_start_loc, spans, prompt_lens=None):
+    """The original per-request implementation of plan_step (a reference for the vectorized one)."""
+    from vllm_hivis.method.hide import dropped_before, is_dropped
+    from vllm_hivis.method.plan import StepPlan
+
+    B = len(num_computed)
+    assert query_start_loc.shape == (B + 1,) and len(spans) == B
+    keep, offs, reqs = [], [], []
+    qsl = np.zeros(B + 1, dtype=np.int32)
+    shift = np.zeros(B, dtype=np.int64)
+    dummy = np.zeros(B, dtype=bool)
+    d_rows = np.zeros(B, dtype=np.int64)
+    t_rows = np.zeros(B, dtype=np.int64)
+    identity = True
+    for i in range(B):
+        s, lo, hi = int(num_computed[i]), int(query_start_loc[i]), int(query_start_loc[i + 1])
+        q = hi - lo
+        sp = spans[i]
+        p = s + np.arange(q, dtype=np.int64)
+        plen = None if prompt_lens is None else int(prompt_lens[i])
+        if plen is not None:
+            t_rows[i] = int((p < plen).sum())
+        if q == 0:
+            qsl[i + 1] = qsl[i]
+            continue
+        if len(sp) == 0 or s >= int((sp[:, 0] + sp[:, 1]).max()):
+            # Fast path: the window lies after every image (or there is none): keep all rows,
+            # shifted by the constant number of rows dropped before them.
+            d_total = int(dropped_before(sp, np.array([s]))[0]) if len(sp) else 0
+            rows = np.arange(lo, hi, dtype=np.int64)
+            off = np.full(q, d_total, dtype=np.int64)
+            kept_p = p
+        else:
+            drop = is_dropped(sp, p)
+            kept_p = p[~drop]
+            rows = lo + np.nonzero(~drop)[0].astype(np.int64)
+            off = dropped_before(sp, kept_p)
+            if len(rows) == 0:
+                end = np.array([s + q], dtype=np.int64)
+                c_dummy = int(end[0] - dropped_before(sp, end)[0])
+                rows = np.array([hi - 1], dtype=np.int64)
+                off = np.array([int(p[-1]) - c_dummy], dtype=np.int64)
+                dummy[i] = True
+        if plen is not None and not dummy[i]:
+            d_rows[i] = int((kept_p < plen).sum())
+        identity &= len(rows) == q and not off.any()
+        keep.append(rows)
+        offs.append(off)
+        reqs.append(np.full(len(rows), i, dtype=np.int64))
+        qsl[i + 1] = qsl[i] + len(rows)
+        c_last = s + int(rows[-1] - lo) - int(off[-1])  # drafter position of the last kept row
+        shift[i] = (s + q) - (c_last + 1)
+    cat = lambda xs: np.concatenate(xs) if xs else np.zeros(0, dtype=np.int64)  # noqa: E731
+    return StepPlan(keep_idx=cat(keep), offset=cat(offs), req_of_row=cat(reqs), query_start_loc=qsl,
+                    seq_shift=shift, dummy=dummy, drafter_prompt_rows=d_rows, target_prompt_rows=t_rows,
+                    identity=bool(identity))
+
+
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_vectorized_plan_equals_the_per_request_loop(seed):
+    rng = np.random.default_rng(seed)
+    B = int(rng.integers(1, 9))
+    num_computed, q, spans, plens = [], [], [], []
+    for _ in range(B):
+        n_img = int(rng.integers(0, 3))
+        offs = np.sort(rng.choice(np.arange(0, 60), size=n_img, replace=False)) if n_img else []
+        sp, last = [], -1
+        for off in offs:
+            if off > last:
+                ln = int(rng.integers(1, 12))
+                sp.append((int(off), ln))
+                last = off + ln
+        spans.append(as_spans(sp))
+        plen = int(max([o + n for o, n in sp], default=0) + rng.integers(1, 10))
+        s = int(rng.integers(0, plen + 5))
+        num_computed.append(s)
+        q.append(int(rng.integers(0, 20)))
+        plens.append(plen)
+    qsl = np.concatenate([[0], np.cumsum(q)]).astype(np.int64)
+    args = (np.array(num_computed, dtype=np.int64), qsl, spans, np.array(plens))
+    got, want = plan_step(*args), plan_step_loop(*args)
+    for field in ("keep_idx", "offset", "req_of_row", "query_start_loc", "seq_shift", "dummy",
+                  "drafter_prompt_rows", "target_prompt_rows"):
+        assert np.array_equal(getattr(got, field), getattr(want, field)), field
+    assert got.identity == want.identity

@@ -18,7 +18,7 @@ import dataclasses
 import numpy as np
 import torch
 
-from .hide import EMPTY_SPANS, as_spans, dropped_before, is_dropped
+from .hide import EMPTY_SPANS, as_spans
 
 
 def request_spans(mm_features) -> np.ndarray:
@@ -72,55 +72,52 @@ def plan_step(num_computed: np.ndarray, query_start_loc: np.ndarray, spans: list
     """
     B = len(num_computed)
     assert query_start_loc.shape == (B + 1,) and len(spans) == B
-    keep, offs, reqs = [], [], []
-    qsl = np.zeros(B + 1, dtype=np.int32)
-    shift = np.zeros(B, dtype=np.int64)
-    dummy = np.zeros(B, dtype=bool)
-    d_rows = np.zeros(B, dtype=np.int64)
-    t_rows = np.zeros(B, dtype=np.int64)
-    identity = True
-    for i in range(B):
-        s, lo, hi = int(num_computed[i]), int(query_start_loc[i]), int(query_start_loc[i + 1])
-        q = hi - lo
-        sp = spans[i]
-        p = s + np.arange(q, dtype=np.int64)
-        plen = None if prompt_lens is None else int(prompt_lens[i])
-        if plen is not None:
-            t_rows[i] = int((p < plen).sum())
-        if q == 0:
-            qsl[i + 1] = qsl[i]
-            continue
-        if len(sp) == 0 or s >= int((sp[:, 0] + sp[:, 1]).max()):
-            # Fast path: the window lies after every image (or there is none): keep all rows,
-            # shifted by the constant number of rows dropped before them.
-            d_total = int(dropped_before(sp, np.array([s]))[0]) if len(sp) else 0
-            rows = np.arange(lo, hi, dtype=np.int64)
-            off = np.full(q, d_total, dtype=np.int64)
-            kept_p = p
-        else:
-            drop = is_dropped(sp, p)
-            kept_p = p[~drop]
-            rows = lo + np.nonzero(~drop)[0].astype(np.int64)
-            off = dropped_before(sp, kept_p)
-            if len(rows) == 0:
-                end = np.array([s + q], dtype=np.int64)
-                c_dummy = int(end[0] - dropped_before(sp, end)[0])
-                rows = np.array([hi - 1], dtype=np.int64)
-                off = np.array([int(p[-1]) - c_dummy], dtype=np.int64)
-                dummy[i] = True
-        if plen is not None and not dummy[i]:
-            d_rows[i] = int((kept_p < plen).sum())
-        identity &= len(rows) == q and not off.any()
-        keep.append(rows)
-        offs.append(off)
-        reqs.append(np.full(len(rows), i, dtype=np.int64))
-        qsl[i + 1] = qsl[i] + len(rows)
-        c_last = s + int(rows[-1] - lo) - int(off[-1])  # drafter position of the last kept row
-        shift[i] = (s + q) - (c_last + 1)
-    cat = lambda xs: np.concatenate(xs) if xs else np.zeros(0, dtype=np.int64)  # noqa: E731
-    return StepPlan(keep_idx=cat(keep), offset=cat(offs), req_of_row=cat(reqs), query_start_loc=qsl,
-                    seq_shift=shift, dummy=dummy, drafter_prompt_rows=d_rows, target_prompt_rows=t_rows,
-                    identity=bool(identity))
+    s0 = np.asarray(num_computed, dtype=np.int64)
+    qsl = np.asarray(query_start_loc, dtype=np.int64)
+    q = np.diff(qsl)
+    lo, hi = dropped_ranges(spans)  # [B, S]: request i drops target rows [lo, hi) of each span
+    # every row of the batch: its request and its target position
+    row_req = np.repeat(np.arange(B), q)
+    p = s0[row_req] + np.arange(qsl[-1], dtype=np.int64) - qsl[row_req]
+    L, H = lo[row_req], hi[row_req]
+    kept = ~((p[:, None] >= L) & (p[:, None] < H)).any(axis=1)
+    before = np.clip(p[:, None] - L, 0, H - L).sum(axis=1)  # rows dropped before p: p - c(p)
+    n_kept = np.bincount(row_req[kept], minlength=B)
+    dummy = (q > 0) & (n_kept == 0)
+    end = s0 + q
+    c_end = end - np.clip(end[:, None] - lo, 0, hi - lo).sum(axis=1)  # kept rows before the window's end
+    keep_mask = kept.copy()
+    keep_mask[qsl[1:][dummy] - 1] = True  # a dummy request keeps its last row...
+    offset = before.copy()
+    offset[qsl[1:][dummy] - 1] = (end - 1 - c_end)[dummy]  # ...at the next free drafter position
+    keep_idx = np.flatnonzero(keep_mask)
+    new_qsl = np.zeros(B + 1, dtype=np.int32)
+    np.cumsum(n_kept + dummy, out=new_qsl[1:])
+    seq_shift = np.where(q > 0, end - c_end - dummy, 0).astype(np.int64)
+    if prompt_lens is None:
+        d_rows = t_rows = np.zeros(B, dtype=np.int64)
+    else:
+        prompt = p < np.asarray(prompt_lens, dtype=np.int64)[row_req]
+        t_rows = np.bincount(row_req[prompt], minlength=B)
+        d_rows = np.bincount(row_req[prompt & kept], minlength=B)
+    off = offset[keep_idx]
+    return StepPlan(keep_idx=keep_idx, offset=off, req_of_row=row_req[keep_idx], query_start_loc=new_qsl,
+                    seq_shift=seq_shift, dummy=dummy, drafter_prompt_rows=d_rows, target_prompt_rows=t_rows,
+                    identity=bool(len(keep_idx) == len(p) and not off.any()))
+
+
+def dropped_ranges(spans: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """([B, S], [B, S]) int64: request i drops the target rows [lo, hi) of each of its image spans
+    (the rows whose next token is a placeholder: [offset - 1, offset + length - 1), clipped at 0);
+    padding entries are the empty range [0, 0)."""
+    S = max((len(sp) for sp in spans), default=0)
+    lo = np.zeros((len(spans), max(S, 1)), dtype=np.int64)
+    hi = np.zeros_like(lo)
+    for i, sp in enumerate(spans):
+        if len(sp):
+            lo[i, : len(sp)] = np.maximum(sp[:, 0] - 1, 0)
+            hi[i, : len(sp)] = sp[:, 0] + sp[:, 1] - 1
+    return lo, hi
 
 
 def record_prefill(counters, req_ids: list[str], plan: StepPlan, num_computed: np.ndarray,

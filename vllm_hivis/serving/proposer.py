@@ -49,6 +49,7 @@ class HiViSProposer(EagleProposer):
         self.tracer = ProposalTracer()
         self.failures = 0  # proposals that raised and fell back (see _fallback_drafts)
         self.last_plan: StepPlan | None = None  # this step's plan (faults tests, debugging)
+        self._span_cache: dict[str, np.ndarray] = {}  # req_id -> image spans
 
     def load_model(self, target_model) -> None:
         super().load_model(target_model)
@@ -86,13 +87,22 @@ class HiViSProposer(EagleProposer):
         num_computed = np.zeros(B, dtype=np.int64)
         num_computed[:n] = batch.num_computed_tokens_cpu[:n]
         prompt_lens = np.zeros(B, dtype=np.int64)
-        prompt_lens[:n] = [requests[r].num_prompt_tokens for r in req_ids]
-        spans = [request_spans(requests[r].mm_features) for r in req_ids] + [request_spans(None)] * (B - n)
+        prompt_lens[:n] = batch.num_prompt_tokens[:n]
+        spans = [self._spans(r, requests) for r in req_ids] + [request_spans(None)] * (B - n)
         qsl = cad.query_start_loc_cpu[: B + 1].numpy().astype(np.int64)
         plan = plan_step(num_computed, qsl, spans, prompt_lens)
         record_prefill(self.prefill_counters, req_ids, plan, num_computed, qsl, prompt_lens)
         self.last_plan = plan
         return plan
+
+    def _spans(self, req_id: str, requests) -> np.ndarray:
+        """A request's image spans, computed once per request (they are a property of its prompt)."""
+        sp = self._span_cache.get(req_id)
+        if sp is None:
+            if len(self._span_cache) > 2 * len(requests) + 64:  # forget finished requests
+                self._span_cache = {r: v for r, v in self._span_cache.items() if r in requests}
+            sp = self._span_cache[req_id] = request_spans(requests[req_id].mm_features)
+        return sp
 
     def set_inputs_first_pass(self, target_token_ids, next_token_ids, target_positions, target_hidden_states,
                               token_indices_to_sample, cad, num_rejected_tokens_gpu):
