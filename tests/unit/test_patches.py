@@ -35,6 +35,7 @@ def test_every_patch_applies_on_this_vllm():
     import vllm.entrypoints.openai.chat_completion.serving  # noqa: F401  (import every patched module)
     import vllm.multimodal.media.connector  # noqa: F401
     import vllm.v1.engine.async_llm  # noqa: F401
+    import vllm.v1.engine.core  # noqa: F401
     import vllm.v1.sample.rejection_sampler  # noqa: F401
     import vllm.v1.spec_decode.llm_base_proposer  # noqa: F401
     import vllm.v1.worker.gpu.model_runner  # noqa: F401
@@ -292,3 +293,41 @@ def test_eagle_backup_token_is_the_token_after_the_chunk():
                                                                       torch.tensor([True, False]))
     assert nxt.tolist() == [116, 8]  # a: token 16 (upstream gave 139, the last prompt token)
     assert valid.tolist() == [0, 2]
+
+
+def test_media_cache_misses_wait_for_their_data():
+    """A request whose media the engine lacks is parked, retried after the next request (which
+    carried the data) and queued; one whose data never comes fails after the wait, as before."""
+    import queue
+    import time
+    from types import SimpleNamespace
+
+    from vllm_hivis.patches.upstream import defer_media_miss, retry_media_waits
+
+    class Miss(Exception):
+        pass
+
+    cache, failed = set(), []
+    engine = SimpleNamespace(input_queue=queue.Queue(), _handle_request_preproc_error=failed.append)
+
+    def preprocess(req):
+        if req["needs"] - cache:
+            raise Miss
+        return f"prepared {req['id']}"
+
+    b = {"id": "B", "needs": {"x"}}
+    defer_media_miss(engine, b, "err", lambda r, e: failed.append((r["id"], e)), wait_s=0.5)
+    retry_media_waits(engine, preprocess, Miss, "ADD")  # nothing arrived yet: B waits
+    assert engine.input_queue.empty() and engine._hivis_waiting
+    cache.add("x")  # request A, carrying x, is preprocessed
+    retry_media_waits(engine, preprocess, Miss, "ADD")
+    assert engine.input_queue.get_nowait() == ("ADD", "prepared B") and not engine._hivis_waiting
+    c = {"id": "C", "needs": {"y"}}  # y never comes
+    defer_media_miss(engine, c, "err", lambda r, e: failed.append((r["id"], e)), wait_s=0.3)
+    time.sleep(0.8)
+    assert failed == [("C", "err")]  # B's timer found B gone and did nothing
+    from vllm.v1.engine.core import EngineCore, EngineCoreProc
+
+    plugin.register()
+    assert helper.patched_by(EngineCoreProc, "_handle_mm_cache_miss") == "media_cache_misses_wait_for_their_data"
+    assert helper.patched_by(EngineCore, "preprocess_add_request") == "media_cache_misses_wait_for_their_data"

@@ -182,3 +182,87 @@ def engine_rejections_leave_no_stale_media_cache() -> None:
         return add_request
 
     wrap(AsyncLLM, "add_request", make, patch="engine_rejections_leave_no_stale_media_cache")
+
+
+MEDIA_WAIT_S = 5.0
+_media_lock = __import__("threading").Lock()
+
+
+def defer_media_miss(engine, request, err, fail, wait_s: float = MEDIA_WAIT_S) -> None:
+    """Park `request` (its media missing from the engine's cache); `fail(request, err)` runs after
+    `wait_s` unless retry_media_waits has taken it by then."""
+    import threading
+
+    entry = [request, err]
+    with _media_lock:
+        engine.__dict__.setdefault("_hivis_waiting", []).append(entry)
+
+    def expire():
+        with _media_lock:
+            waiting = engine.__dict__.get("_hivis_waiting", [])
+            if not any(e is entry for e in waiting):
+                return  # retried successfully meanwhile
+            waiting[:] = [e for e in waiting if e is not entry]
+        fail(request, err)
+
+    timer = threading.Timer(wait_s, expire)
+    timer.daemon = True
+    timer.start()
+
+
+def retry_media_waits(engine, preprocess, miss_error, add_type) -> None:
+    """Retry every parked request with `preprocess`; the ones that now succeed go to the engine's
+    input queue (as its input thread would put them), the ones still missing media stay parked."""
+    waiting = engine.__dict__.get("_hivis_waiting")
+    if not waiting:
+        return
+    with _media_lock:
+        retry, waiting[:] = list(waiting), []
+    for entry in retry:
+        try:
+            engine.input_queue.put_nowait((add_type, preprocess(entry[0])))
+        except miss_error:
+            with _media_lock:
+                waiting.append(entry)  # still missing: wait on (its timer runs)
+        except Exception:
+            engine._handle_request_preproc_error(entry[0])
+
+
+@patch("vllm.v1.engine.core", reason="upstream", targets={
+    "EngineCore.preprocess_add_request": "self, request",
+    "EngineCoreProc._handle_mm_cache_miss": "self, request, err"})
+def media_cache_misses_wait_for_their_data() -> None:
+    """WHAT: a request whose images the engine's multimodal processor cache (P1) lacks waits, up to
+    MEDIA_WAIT_S, for the request that carries their data instead of failing at once; the engine's
+    input thread retries it right after each later request it preprocesses.
+    WHY: the frontend's cache (P0) sends an image's data with the first request that renders it
+    and only its hash with later ones; with concurrent requests for the same new image a later
+    request can reach the engine before the first one (rendering runs in a thread pool), and the
+    engine then fails it with HTTP 500 ("Multi-modal cache miss ... P0/P1 cache drift") although
+    the data is one message away. Seen once in 4845 requests of this repo's soak (64 concurrent
+    clients, 16 distinct images). A request whose data never comes fails after the wait, as before.
+    AFFECTS: every vLLM server user of multimodal models with concurrent requests for the same
+    new media (processor cache on, the default).
+    UPSTREAM: not reported yet."""
+    from vllm.multimodal.cache import MultiModalCacheMissError
+    from vllm.v1.engine import EngineCoreRequestType
+    from vllm.v1.engine.core import EngineCore, EngineCoreProc
+
+    def make_handle(orig):
+        def _handle_mm_cache_miss(self, request, err):
+            defer_media_miss(self, request, err, lambda r, e: orig(self, r, e))
+
+        return _handle_mm_cache_miss
+
+    def make_preprocess(orig):
+        def preprocess_add_request(self, request):
+            result = orig(self, request)  # a miss raises here and reaches _handle_mm_cache_miss
+            # this request may have carried the media that parked requests wait for
+            retry_media_waits(self, lambda r: orig(self, r), MultiModalCacheMissError, EngineCoreRequestType.ADD)
+            return result
+
+        return preprocess_add_request
+
+    name = "media_cache_misses_wait_for_their_data"
+    wrap(EngineCoreProc, "_handle_mm_cache_miss", make_handle, patch=name)
+    wrap(EngineCore, "preprocess_add_request", make_preprocess, patch=name)
