@@ -19,7 +19,7 @@ setup(
               "vllm_hivis.kernels", "hivis_testbed", "hivis_testbed.tinyworld"],
     # The repo's top-level kernels/ ships as vllm_hivis.kernels (never a top-level `kernels`).
     package_dir={"vllm_hivis.kernels": "kernels"},
-    package_data={"hivis_testbed": ["assets/*/*", "assets/*/*/*"]},
+    package_data={"hivis_testbed": ["assets/*/*", "assets/*/*/*", "assets/*/*/*/*"]},
     include_package_data=True,
     install_requires=[
         # Everything else comes with vLLM (torch, transformers, safetensors, numpy, pillow, tqdm).

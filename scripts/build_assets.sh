@@ -2,6 +2,8 @@
 # Rebuild the shipped tiny-world models from scratch, reproducibly (seeded; CPU).
 #   bash scripts/build_assets.sh target    # ~2.5 h on 2 CPU cores: train (2 stages) + grade the target LLaVA
 #   bash scripts/build_assets.sh drafter   # ~25 min: target-generated data, train + evaluate the drafter
+#   bash scripts/build_assets.sh baselines # ~1.5 h: text-only, image-seeing EAGLE and ViSpec-style drafters,
+#                                          # on the hivis drafter's data and step budget (benchmarks compare them)
 # Each copies its result into hivis_testbed/assets/ with provenance.json (command, seed, commit,
 # metrics, timings). Work directories go to runs/ (git-ignored).
 set -euo pipefail
@@ -47,6 +49,23 @@ elif [[ $step == drafter ]]; then
   $PY -m vllm_hivis.cli evaluate --target $ASSETS/tiny-target --drafter runs/drafter/drafter \
       --tinyworld test:0:100 -k 5 --out runs/drafter/metrics.json
   ship runs/drafter/drafter $ASSETS/tiny-drafter runs/drafter/metrics.json $(( $(date +%s) - t0 )) "bash scripts/build_assets.sh drafter"
+elif [[ $step == baselines ]]; then
+  # The shipped hivis drafter's budget: the same generated data (same command and seeds) and
+  # 3000 steps of batch 16, unroll 4. Each baseline gets the strongest recipe its format allows:
+  # time-aware (text-only, ViSpec-style); seq-embed for EAGLE (vLLM's EAGLE head has no step biases).
+  [ -f runs/drafter-data/manifest.json ] || $PY -m vllm_hivis.cli generate-data --target $ASSETS/tiny-target \
+      --out runs/drafter-data --tinyworld train:0:4000 --responses greedy,sample:1.0 --shard-size 500
+  for kind in text vispec eagle; do
+    t0=$(date +%s)
+    recipe=time-aware; [[ $kind == eagle ]] && recipe=seq-embed
+    $PY -m vllm_hivis.cli train --data runs/drafter-data --target $ASSETS/tiny-target --out runs/baseline-$kind \
+        --kind $kind --recipe $recipe --unroll 4 --steps 3000 --seed 0 ${THREADS:+--threads $THREADS}
+    $PY -m vllm_hivis.cli evaluate --target $ASSETS/tiny-target --drafter runs/baseline-$kind/drafter \
+        --tinyworld test:0:100 -k 5 --out runs/baseline-$kind/metrics.json
+    mkdir -p $ASSETS/baselines
+    ship runs/baseline-$kind/drafter $ASSETS/baselines/$kind runs/baseline-$kind/metrics.json \
+        $(( $(date +%s) - t0 )) "bash scripts/build_assets.sh baselines ($kind, recipe $recipe)"
+  done
 else
-  echo "usage: build_assets.sh target|drafter" >&2; exit 2
+  echo "usage: build_assets.sh target|drafter|baselines" >&2; exit 2
 fi
