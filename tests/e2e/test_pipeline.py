@@ -56,6 +56,8 @@ def test_local_generation_and_resume(local_data):
 def ray_session():
     import ray
 
+    if ray.is_initialized():  # an earlier test's (or vLLM's) session would be joined with other resources
+        ray.shutdown()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
