@@ -18,6 +18,13 @@ tree mask    per request a ``[q_r, q_r]`` 0/1 matrix, row-major, ``mask[i, j] = 
 causal       ``USE_TREE_MASK=False``: new token ``i`` sees new tokens ``j <= i`` (chain
              verification, chunked prefill); no mask tensor is read.
 GQA          ``num_heads = group * num_kv_heads``; query head ``h`` reads KV head ``h // group``.
+position map optional (``drop_ranges``, the hivis drafter): the logical positions above are
+             *compressed* ones and request ``r``'s K/V live at the *storage* position that skips the
+             dropped ranges ``drop_ranges[r]`` ([S, 2] sorted [lo, hi) storage positions): c -> p,
+             each range at or before p shifts it past (``vllm_hivis.method.plan.target_positions``).
+             Masks and causality stay in logical positions.
+caches       [num_blocks, block_size, num_kv_heads, head_dim] with any strides but a contiguous
+             head_dim (e.g. the K and V halves of vLLM's [num_blocks, heads, block_size, 2 * dim]).
 
 The kernel runs one program per (request, KV head, tile of ``BLOCK_M`` new tokens); the rows of a
 program are the ``BLOCK_M x group`` (query token, query head) pairs that share the KV head, so each
@@ -29,6 +36,8 @@ import os
 import torch
 import triton
 import triton.language as tl
+
+from vllm_hivis.method.plan import target_positions
 
 
 @triton.jit
@@ -42,6 +51,7 @@ def _tree_attention_kernel(
     query_start_loc_ptr,  # [num_reqs + 1] int32
     tree_mask_ptr,  # [sum_r q_r * q_r] uint8 (unused unless USE_TREE_MASK)
     mask_indptr_ptr,  # [num_reqs + 1] int32 (unused unless USE_TREE_MASK)
+    drop_ranges_ptr,  # [num_reqs, NUM_RANGES, 2] int32 (unused unless NUM_RANGES > 0)
     scale,
     stride_q_tok, stride_q_head, stride_o_tok, stride_o_head,
     stride_kv_block, stride_kv_slot, stride_kv_head, stride_bt_req,
@@ -49,6 +59,7 @@ def _tree_attention_kernel(
     PAGE_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     USE_TREE_MASK: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    NUM_RANGES: tl.constexpr,
 ):
     req = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -83,8 +94,13 @@ def _tree_attention_kernel(
     for kv_start in range(0, kv_end, BLOCK_N):
         kv_pos = kv_start + tl.arange(0, BLOCK_N)  # logical positions in the request
         kv_ok = kv_pos < kv_end
-        block = tl.load(block_table_ptr + req * stride_bt_req + kv_pos // PAGE_SIZE, mask=kv_ok, other=0)
-        kv_offs = (block.to(tl.int64) * stride_kv_block + (kv_pos % PAGE_SIZE) * stride_kv_slot
+        store_pos = kv_pos
+        for s in tl.static_range(NUM_RANGES):  # compressed -> storage position (see module doc)
+            lo = tl.load(drop_ranges_ptr + (req * NUM_RANGES + s) * 2)
+            hi = tl.load(drop_ranges_ptr + (req * NUM_RANGES + s) * 2 + 1)
+            store_pos = tl.where(store_pos >= lo, store_pos + (hi - lo), store_pos)
+        block = tl.load(block_table_ptr + req * stride_bt_req + store_pos // PAGE_SIZE, mask=kv_ok, other=0)
+        kv_offs = (block.to(tl.int64) * stride_kv_block + (store_pos % PAGE_SIZE) * stride_kv_slot
                    + kv_head * stride_kv_head)
         kv_mask = kv_ok[:, None] & dim_ok[None, :]
         k = tl.load(k_cache_ptr + kv_offs[:, None] + dims[None, :], mask=kv_mask, other=0.0)
@@ -123,7 +139,7 @@ def _dot_dtype(q: torch.Tensor):
 
 
 def _check_inputs(q, k_cache, v_cache, block_table, seq_lens, query_start_loc, tree_mask,
-                  mask_indptr, use_tree_mask):
+                  mask_indptr, use_tree_mask, drop_ranges=None):
     assert q.dim() == 3, f"q must be [num_q_tokens, num_heads, head_dim], got shape {tuple(q.shape)}"
     assert k_cache.dim() == 4, (
         f"k_cache must be [num_blocks, block_size, num_kv_heads, head_dim], got {tuple(k_cache.shape)}")
@@ -131,8 +147,11 @@ def _check_inputs(q, k_cache, v_cache, block_table, seq_lens, query_start_loc, t
     assert q.dtype in (torch.float32, torch.float16, torch.bfloat16), f"q dtype {q.dtype} unsupported"
     assert k_cache.dtype == q.dtype and v_cache.dtype == q.dtype, (
         f"q, k_cache, v_cache must share a dtype, got {q.dtype}, {k_cache.dtype}, {v_cache.dtype}")
-    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("block_table", block_table)):
+    for name, t in (("q", q), ("block_table", block_table)):
         assert t.is_contiguous(), f"{name} must be contiguous"
+    assert k_cache.stride() == v_cache.stride() and k_cache.stride(3) == 1, (
+        f"k_cache and v_cache must share strides with a contiguous head_dim, got {k_cache.stride()}, "
+        f"{v_cache.stride()}")
     num_heads, head_dim = q.shape[1], q.shape[2]
     num_kv_heads = k_cache.shape[2]
     assert k_cache.shape[3] == head_dim, f"head_dim mismatch: q {head_dim}, cache {k_cache.shape[3]}"
@@ -154,6 +173,12 @@ def _check_inputs(q, k_cache, v_cache, block_table, seq_lens, query_start_loc, t
             f"{mask_indptr.dtype} {tuple(mask_indptr.shape)}")
     tensors = [q, k_cache, v_cache, block_table, seq_lens, query_start_loc]
     tensors += [tree_mask, mask_indptr] if use_tree_mask else []
+    if drop_ranges is not None:
+        assert drop_ranges.dim() == 3 and drop_ranges.shape[0] == num_reqs and drop_ranges.shape[2] == 2 \
+            and drop_ranges.dtype == torch.int32 and drop_ranges.is_contiguous(), (
+                f"drop_ranges must be contiguous int32 [num_reqs={num_reqs}, S, 2], got "
+                f"{drop_ranges.dtype} {tuple(drop_ranges.shape)}")
+        tensors.append(drop_ranges)
     assert all(t.device == q.device for t in tensors), "all inputs must be on the same device"
 
 
@@ -171,10 +196,11 @@ def tree_attention(
     *,
     max_q_len: int | None = None,  # max_r q_r; computed from query_start_loc (a host sync) if None
     out: torch.Tensor | None = None,  # [num_q_tokens, num_heads, head_dim], written in place
+    drop_ranges: torch.Tensor | None = None,  # [num_reqs, S, 2] int32 position map (module doc)
 ) -> torch.Tensor:  # [num_q_tokens, num_heads, head_dim]
     """Attention of every new token over its prefix and its tree ancestors (see module doc)."""
     _check_inputs(q, k_cache, v_cache, block_table, seq_lens, query_start_loc, tree_mask,
-                  mask_indptr, use_tree_mask)
+                  mask_indptr, use_tree_mask, drop_ranges)
     num_q_tokens, num_heads, head_dim = q.shape
     num_kv_heads, page_size = k_cache.shape[2], k_cache.shape[1]
     if out is None:
@@ -189,13 +215,15 @@ def tree_attention(
         tree_mask = tree_mask.view(torch.uint8) if tree_mask.dtype == torch.bool else tree_mask
     else:  # never read: the pointers only need to be valid tensors
         tree_mask, mask_indptr = query_start_loc, query_start_loc
+    num_ranges = 0 if drop_ranges is None else drop_ranges.shape[1]
+    drop_ranges = query_start_loc if drop_ranges is None else drop_ranges
 
     group = num_heads // num_kv_heads
     group_pad = triton.next_power_of_2(group)
     block_m = max(16 // group_pad, min(64 // group_pad, triton.next_power_of_2(max_q_len)), 1)
     grid = (num_reqs, num_kv_heads, triton.cdiv(max_q_len, block_m))
     _tree_attention_kernel[grid](
-        q, k_cache, v_cache, out, block_table, seq_lens, query_start_loc, tree_mask, mask_indptr,
+        q, k_cache, v_cache, out, block_table, seq_lens, query_start_loc, tree_mask, mask_indptr, drop_ranges,
         float(scale),
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_table.stride(0),
@@ -204,6 +232,7 @@ def tree_attention(
         BLOCK_M=block_m, BLOCK_N=32,
         USE_TREE_MASK=use_tree_mask, DOT_DTYPE=_dot_dtype(q),
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # no TF32 rounding for fp32
+        NUM_RANGES=num_ranges,
     )
     return out
 
@@ -219,10 +248,11 @@ def tree_attention_ref(
     mask_indptr: torch.Tensor | None,  # [num_reqs + 1] int32, or None when causal
     scale: float,
     use_tree_mask: bool = True,
+    drop_ranges: torch.Tensor | None = None,  # [num_reqs, S, 2] int32 position map (module doc)
 ) -> torch.Tensor:  # [num_q_tokens, num_heads, head_dim]
     """Plain-torch reference: gather each request's K/V, build its mask, softmax in float32."""
     _check_inputs(q, k_cache, v_cache, block_table, seq_lens, query_start_loc, tree_mask,
-                  mask_indptr, use_tree_mask)
+                  mask_indptr, use_tree_mask, drop_ranges)
     page_size, group = k_cache.shape[1], q.shape[1] // k_cache.shape[2]
     out = torch.empty_like(q)
     for r in range(block_table.shape[0]):
@@ -231,6 +261,8 @@ def tree_attention_ref(
         prefix_len = seq_len - q_len
         assert q_len >= 0 and prefix_len >= 0, f"request {r}: q_len {q_len} > seq_len {seq_len}"
         pos = torch.arange(seq_len, device=q.device)
+        if drop_ranges is not None:
+            pos = target_positions(pos, drop_ranges[r])
         blocks = block_table[r, pos // page_size].long()
         k = k_cache[blocks, pos % page_size].float().repeat_interleave(group, dim=1)  # [seq_len, heads, dim]
         v = v_cache[blocks, pos % page_size].float().repeat_interleave(group, dim=1)  # [seq_len, heads, dim]

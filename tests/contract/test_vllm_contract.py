@@ -96,6 +96,15 @@ USES = [
     ("vllm.model_executor.models.utils", "maybe_prefix", "params", "prefix, name"),
     ("vllm.model_executor.models.interfaces", "SupportsEagle", "has", set()),
     ("vllm.model_executor.models.registry", "_ModelRegistry.register_model", "params", "self, model_arch, model_cls"),
+    # the drafter's attention backend (serving/draft_attention.py, built into serving/drafter.py)
+    ("vllm.model_executor.layers.attention.attention", "Attention.__init__", "source", ["attn_backend"]),
+    ("vllm.model_executor.models.llama", "LlamaAttention.__init__", "source", ["else Attention", "attn_cls("]),
+    ("vllm.v1.attention.backend", "AttentionCGSupport", "has", {"UNIFORM_BATCH", "NEVER"}),
+    ("vllm.v1.attention.backend", "AttentionMetadataBuilder.build", "params",
+     "self, common_prefix_len, common_attn_metadata, fast_build=False"),
+    ("vllm.v1.attention.backends.registry", "register_backend", "source", ["_ATTN_OVERRIDES"]),
+    ("vllm.model_executor.layers.attention.attention", "unified_attention_with_output", "source",
+     ["self.impl.forward", "output="]),
     # V2 speculator (serving/speculator_v2.py)
     ("vllm.v1.worker.gpu.spec_decode.target_dependent_ar.speculator", "TargetDependentARSpeculator._prefill", "params",
      {"0.32.0": "self, num_reqs, num_tokens, attn_metadata, slot_mappings, num_tokens_across_dp, "

@@ -1,12 +1,10 @@
 """Shared pieces of the end-to-end tests: engines, prompt sets, the reference target."""
 
-import contextlib
-import gc
 import json
-import os
 from pathlib import Path
 
 from hivis_testbed import assets
+from hivis_testbed.engine import engine, model_runner  # noqa: F401  (re-exported to the tests)
 from hivis_testbed.tinyworld.build import prompt_text
 from hivis_testbed.tinyworld.dataset import sample
 
@@ -45,39 +43,8 @@ def hivis_spec(k=3, drafter=None, **kw):
     return {"method": "hivis", "model": drafter or assets.tiny_drafter(), "num_speculative_tokens": k, **kw}
 
 
-@contextlib.contextmanager
-def engine(in_process=True, env=None, **kw):
-    """A vLLM engine on the tiny target (in-process by default: 4-8 s to start)."""
-    from vllm import LLM
-
-    old = {k: os.environ.get(k) for k in ["VLLM_ENABLE_V1_MULTIPROCESSING", *(env or {})]}
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if in_process else "1"
-    os.environ.update(env or {})
-    args = dict(model=assets.tiny_target(), dtype="float32", max_model_len=512, enforce_eager=True,
-                gpu_memory_utilization=0.25, limit_mm_per_prompt={"image": 2}, disable_log_stats=False, seed=0)
-    args.update(kw)
-    llm = LLM(**args)
-    try:
-        yield llm
-    finally:
-        llm.llm_engine.engine_core.shutdown()
-        del llm
-        gc.collect()
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
 def token_ids(outputs):
     return [list(o.outputs[0].token_ids) for o in outputs]
-
-
-def model_runner(llm):
-    """The V1 model runner of an in-process engine (VLLM_ENABLE_V1_MULTIPROCESSING=0)."""
-    core = llm.llm_engine.engine_core.engine_core
-    return core.model_executor.driver_worker.worker.model_runner
 
 
 def transformers_greedy(questions, images, max_new_tokens=128):

@@ -37,9 +37,11 @@ def test_lossless_configs(reference, greedy, config):
     assert acc.num_accepted > 0
 
 
-def test_lossless_under_preemption():
+@pytest.mark.parametrize("prefix_caching", [True, False], ids=["prefix-cache", "no-prefix-cache"])
+def test_lossless_under_preemption(prefix_caching):
     """A KV cache of 17 blocks x 32 tokens (one max_model_len) for 8 concurrent requests that all
-    run to their token limit (ignore_eos): running requests must be preempted and recomputed."""
+    run to their token limit (ignore_eos): running requests must be preempted and resumed, from
+    the prefix cache (vLLM's default) or recomputed from scratch."""
     from vllm import SamplingParams
 
     prompts = prompt_set()
@@ -47,14 +49,16 @@ def test_lossless_under_preemption():
     with engine() as llm:
         reference = token_ids(llm.generate(prompts, sp, use_tqdm=False))
     with engine(speculative_config=hivis_spec(k=4), block_size=32, num_gpu_blocks_override=17,
-                max_num_seqs=8) as llm:
+                max_num_seqs=8, enable_prefix_caching=prefix_caching) as llm:
         before = from_llm_metrics(llm.get_metrics())
         out = token_ids(llm.generate(prompts, sp, use_tqdm=False))
         acc = from_llm_metrics(llm.get_metrics()).minus(before)
+        preemptions = sum(m.value for m in llm.get_metrics() if m.name == "vllm:num_preemptions")
     assert out == reference
     assert acc.num_accepted > 0
-    # preemption recomputes prompts: the target prefilled more than the prompts hold
-    assert acc.target_prefill_tokens > sum(len_prompt_tokens(p) for p in prompts)
+    assert preemptions > 0
+    if not prefix_caching:  # recomputation: the target prefilled more than the prompts hold
+        assert acc.target_prefill_tokens > sum(len_prompt_tokens(p) for p in prompts)
 
 
 def len_prompt_tokens(p):

@@ -44,17 +44,26 @@ def test_lossless_batch8(reference, hivis, greedy):
 
 
 def test_drafter_prefill_is_the_text_tokens(hivis, greedy):
-    """Per request: drafter prefill rows == prompt tokens that are not image placeholders."""
+    """Per request: target prefill rows == prompt tokens not found in the prefix cache, and drafter
+    prefill rows == those of them the drafter reads: rows whose next token is not an image
+    placeholder (every prompt token but the image ones when nothing is cached). The prompt set
+    repeats images, so both cases occur."""
     cfg = json.load(open(f"{assets.tiny_target()}/config.json"))
-    n_img = cfg["image_seq_length"]
-    for p in prompt_set()[-3:] + prompt_set()[:1]:
+    image = cfg["image_token_index"]
+    seen = set()
+    for p in prompt_set()[-3:] + prompt_set()[:1] + prompt_set()[-1:]:
         before = from_llm_metrics(hivis.get_metrics())
         out = hivis.generate([p], greedy, use_tqdm=False)[0]
         d = from_llm_metrics(hivis.get_metrics()).minus(before)
-        n_images = out.prompt_token_ids.count(cfg["image_token_index"]) // n_img
-        text_tokens = len(out.prompt_token_ids) - n_images * n_img
-        assert d.target_prefill_tokens == len(out.prompt_token_ids)
-        assert d.drafter_prefill_tokens == text_tokens, p["prompt"]
+        ids, cached = out.prompt_token_ids, out.num_cached_tokens or 0
+        L = len(ids)
+        kept = sum(1 for r in range(cached, L) if r + 1 == L or ids[r + 1] != image)
+        assert d.target_prefill_tokens == L - cached
+        assert d.drafter_prefill_tokens == kept, (p["prompt"], cached)
+        if cached == 0:
+            assert kept == L - ids.count(image)  # the text tokens
+        seen.add(cached > 0)
+    assert seen == {True, False}
 
 
 def test_acceptance_on_held_out_scenes(hivis, greedy):

@@ -76,13 +76,15 @@ def fake_parallel(**kw):
                                     "prefill_context_parallel_size": 1, **kw})
 
 
-def test_target_compatibility(drafter_dir):
+def test_target_compatibility(drafter_dir, monkeypatch):
     sc = ok(drafter_dir)
     spec = check_user_dict(sc)
     check_against_target(spec, sc, fake_target(), fake_parallel())
     with pytest.raises(HiViSConfigError, match="is not a multimodal model"):
         check_against_target(spec, sc, fake_target(multimodal=False))
-    with pytest.raises(HiViSConfigError, match="uses M-RoPE"):
+    check_against_target(spec, sc, fake_target(mrope=True), fake_parallel())  # Qwen2.5-VL: on the V1 runner
+    monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "1")
+    with pytest.raises(HiViSConfigError, match="uses M-RoPE .* V1 runner only"):
         check_against_target(spec, sc, fake_target(mrope=True))
     with pytest.raises(HiViSConfigError, match="hidden size 64 but target 'fake-target' has 4096"):
         check_against_target(spec, sc, fake_target(hidden=4096))

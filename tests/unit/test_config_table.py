@@ -132,7 +132,7 @@ def test_the_table_is_big_enough_and_a_good_config_passes(dirs):
     assert len(CASES) >= 20
     cfg = EngineArgs(model=assets.tiny_target(), speculative_config=spec(dirs["good"]), max_model_len=512,
                      enforce_eager=True).create_engine_config()
-    assert cfg.speculative_config.method == "eagle" and cfg.cache_config.enable_prefix_caching is False
+    assert cfg.speculative_config.method == "eagle" and cfg.cache_config.enable_prefix_caching is True
 
 
 def test_a_non_dict_speculative_config_is_refused():

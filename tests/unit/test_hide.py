@@ -56,6 +56,7 @@ def run_chunks(spans, length, chunk):
         rows = plan.keep_idx
         p = s + rows
         c = p - plan.offset
+        assert plan.positions.tolist() == c.tolist()
         if plan.dummy[0]:
             dummies += 1
             assert len(rows) == 1 and rows[0] == q - 1
@@ -111,20 +112,19 @@ def test_generated_image_token_ids_are_text():
 
 
 def test_worked_examples_of_the_docstrings():
-    """The E.g. blocks of plan_step, drafter_slots, compacted_sample_rows and last_token_indices."""
+    """The E.g. blocks of plan_step, target_positions, compacted_sample_rows and last_token_indices."""
     import torch
 
-    from vllm_hivis.method.plan import compacted_sample_rows, drafter_slots, last_token_indices
+    from vllm_hivis.method.plan import compacted_sample_rows, last_token_indices, target_positions
 
     img = as_spans([(2, 3)])
     plan = plan_step(np.array([0, 7]), np.array([0, 7, 10]), [img, img])
     assert plan.keep_idx.tolist() == [0, 4, 5, 6, 7, 8, 9]
     assert plan.offset.tolist() == [0, 3, 3, 3, 3, 3, 3]
-    assert (np.array([0, 4, 5, 6, 7, 8, 9]) - plan.offset).tolist() == [0, 1, 2, 3, 4, 5, 6]
+    assert (np.array([0, 4, 5, 6, 7, 8, 9]) - plan.offset).tolist() == plan.positions.tolist() == [0, 1, 2, 3, 4, 5, 6]
     assert plan.req_of_row.tolist() == [0, 0, 0, 0, 1, 1, 1]
     assert plan.query_start_loc.tolist() == [0, 4, 7] and plan.seq_shift.tolist() == [3, 3]
-    bt = torch.tensor([[7, 2]])
-    assert drafter_slots(bt, torch.zeros(4, dtype=torch.long), torch.tensor([0, 3, 4, 5]), 4).tolist() == [28, 31, 8, 9]
+    assert target_positions(torch.tensor([0, 1, 2, 3]), torch.tensor([[1, 4], [6, 8]])).tolist() == [0, 4, 5, 8]
     tis = compacted_sample_rows(torch.tensor([6, 9]), torch.tensor([0, 7, 10]), torch.from_numpy(plan.query_start_loc))
     assert tis.tolist() == [3, 6]
     assert last_token_indices(torch.tensor([0, 4, 7]), torch.tensor([0, 1])).tolist() == [3, 5]

@@ -48,6 +48,10 @@ def test_acceptance_from_prometheus():
     assert abs(a.prefill_ratio - 13 / 94) < 1e-9
     d = a.minus(Acceptance(4, 12, 6, [3, 2, 1], 0, 0))
     assert (d.num_drafts, d.num_accepted, d.per_position_counts) == (6, 15, [6, 5, 4])
+    both = d.plus(Acceptance(4, 12, 6, [3, 2], 1, 5))  # runs with fewer positions pad with zeros
+    assert (both.num_drafts, both.num_accepted, both.per_position_counts) == (10, 21, [9, 7, 4])
+    assert (both.drafter_prefill_tokens, both.target_prefill_tokens) == (a.drafter_prefill_tokens + 1,
+                                                                        a.target_prefill_tokens + 5)
 
 
 def test_counted_once_per_engine_and_per_run(tmp_path, monkeypatch):

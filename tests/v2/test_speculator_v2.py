@@ -224,29 +224,6 @@ def test_drafter_kv_lifecycle_over_chunks_and_rejections(spans, prompt_len, chun
 # -- small pieces ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("block_size", [4, 16])
-def test_slots_from_random_block_table(block_size, rng):
-    K = 3
-    ys, ids, pos, nxt, qsl, plan = plan_mixed()
-    R = len(MIXED) + 3
-    idx_mapping = rng.permutation(R)[:len(MIXED)]  # batch row -> request-state row
-    need = [-(-(r.s + r.q + K) // block_size) for r in MIXED]
-    ids_pool = rng.permutation(sum(need) + 10)
-    table = np.full((R, max(need) + 2), -1, dtype=np.int64)  # unowned entries would give negative slots
-    owned, at = {}, 0
-    for r, n in enumerate(need):
-        table[idx_mapping[r], :n] = ids_pool[at:at + n]
-        owned[r], at = set(ids_pool[at:at + n].tolist()), at + n
-    pos_c = pos[plan.keep_idx] - plan.offset
-    req_state = idx_mapping[plan.req_of_row]
-    slots = P.drafter_slots(torch.from_numpy(table), torch.from_numpy(req_state), torch.from_numpy(pos_c),
-                            block_size).numpy()
-    expect = [table[st, c // block_size] * block_size + c % block_size for st, c in zip(req_state, pos_c)]
-    assert slots.tolist() == expect
-    assert len(set(slots.tolist())) == len(slots)  # no two drafter rows share a slot
-    assert all(sl // block_size in owned[r] for sl, r in zip(slots, plan.req_of_row))
-
-
 def test_compress_seq_lens_keeps_padding_and_dtype():
     seq = torch.tensor([50, 49, 12, 40, 0, 0], dtype=torch.int32)
     out = P.drafter_seq_lens(seq, np.array([20, 2, 0, 30]))
@@ -389,7 +366,8 @@ def fake_batch(reqs, seed=0):
 
 def make_fake_speculator(reqs, batch, table, block_size):
     cfg = SimpleNamespace(speculative_config=SimpleNamespace(enable_adaptive_verification=False),
-                          model_config=SimpleNamespace(uses_mrope=False), instance_id="fake-v2")
+                          model_config=SimpleNamespace(uses_mrope=False), instance_id="fake-v2",
+                          scheduler_config=SimpleNamespace(max_num_seqs=16))
     req_states = SimpleNamespace(prompt_len=SimpleNamespace(np=np.zeros(16, dtype=np.int32)))
     req_states.prompt_len.np[batch.idx_mapping_np] = [r.prompt_len for r in reqs]
     spec = FakeSpeculator(cfg, torch.device("cpu"), req_states)
@@ -436,6 +414,9 @@ def test_glue_propose_compacts_into_drafter_space():
     assert log["slots"]["drafter.attn"].tolist() == expect
     kw = spec.log["attn_kwargs"]
     assert kw["num_reqs"] == B and kw["step"] == 0 and kw["batch_desc"].num_tokens == M
+    lo, hi = P.dropped_ranges([as_spans(r.spans) for r in reqs])  # published for the drafter's attention
+    assert spec.drops.ranges[:B, : lo.shape[1], 0].tolist() == lo.tolist()
+    assert spec.drops.ranges[:B, : lo.shape[1], 1].tolist() == hi.tolist()
     assert kw["query_start_loc_np"].tolist() == plan.query_start_loc.tolist()
     assert kw["seq_lens_cpu_upper_bound"][:B].tolist() == seq_c.tolist()
     assert batch.seq_lens.tolist() == [r.s + r.q for r in reqs]  # the runner's batch is untouched

@@ -177,6 +177,9 @@ def llama_config_dict(text_config: dict, spec: DrafterSpec, intermediate_size: i
             "rms_norm_eps", "max_position_embeddings", "rope_parameters", "rope_theta", "hidden_act",
             "vocab_size", "bos_token_id", "eos_token_id", "pad_token_id", "attention_bias", "mlp_bias")
     cfg = {k: text_config[k] for k in keep if k in text_config}
+    for rope in ("rope_parameters", "rope_scaling"):  # the drafter's text-only sequence is 1-D: no M-RoPE
+        if isinstance(cfg.get(rope), dict):
+            cfg[rope] = {k: v for k, v in cfg[rope].items() if not k.startswith("mrope")}
     if intermediate_size:
         cfg["intermediate_size"] = intermediate_size
     if num_heads:

@@ -36,6 +36,7 @@ class StepPlan:
 
     keep_idx: np.ndarray  # [M] int64: batch rows the drafter runs on (dummy rows included)
     offset: np.ndarray  # [M] int64: target position - drafter position of each kept row
+    positions: np.ndarray  # [M] int64: drafter position of each kept row (target sequence index - offset)
     req_of_row: np.ndarray  # [M] int64: request index of each kept row
     query_start_loc: np.ndarray  # [B + 1] int32: compacted row ranges per request
     seq_shift: np.ndarray  # [B] int64: target seq_len - drafter seq_len at the end of the window
@@ -65,7 +66,7 @@ def plan_step(num_computed: np.ndarray, query_start_loc: np.ndarray, spans: list
         batch rows        a0 a1 a2 a3 a4 a5 a6 | b0 b1 b2     (a_i: target position i; b_j: 7 + j)
         keep_idx        = [0, 4, 5, 6, 7, 8, 9]               (batch rows; a1..a3 vanish)
         offset          = [0, 3, 3, 3, 3, 3, 3]               drafter position = target - offset:
-                          a: [0, 1, 2, 3], b: [4, 5, 6]       (contiguous text-only sequences)
+        positions       = [0, 1, 2, 3, 4, 5, 6]               a: [0..3], b: [4..6] (text-only sequences)
         req_of_row      = [0, 0, 0, 0, 1, 1, 1]
         query_start_loc = [0, 4, 7]
         seq_shift       = [3, 3]              target seq_len - drafter seq_len: 7 -> 4, 10 -> 7
@@ -101,7 +102,7 @@ def plan_step(num_computed: np.ndarray, query_start_loc: np.ndarray, spans: list
         t_rows = np.bincount(row_req[prompt], minlength=B)
         d_rows = np.bincount(row_req[prompt & kept], minlength=B)
     off = offset[keep_idx]
-    return StepPlan(keep_idx=keep_idx, offset=off, req_of_row=row_req[keep_idx], query_start_loc=new_qsl,
+    return StepPlan(keep_idx=keep_idx, offset=off, positions=p[keep_idx] - off, req_of_row=row_req[keep_idx], query_start_loc=new_qsl,
                     seq_shift=seq_shift, dummy=dummy, drafter_prompt_rows=d_rows, target_prompt_rows=t_rows,
                     identity=bool(len(keep_idx) == len(p) and not off.any()))
 
@@ -128,24 +129,6 @@ def record_prefill(counters, req_ids: list[str], plan: StepPlan, num_computed: n
     for i in np.flatnonzero(plan.target_prompt_rows[:B]):
         counters.add(req_ids[i], int(plan.drafter_prompt_rows[i]), int(plan.target_prompt_rows[i]),
                      prompt_done=bool(ends[i] >= prompt_lens[i]))
-
-
-def drafter_slots(
-    block_table: torch.Tensor,  # [R, max_blocks] the KV group's block table
-    req_of_row: torch.Tensor,  # [M] request index of each drafter row
-    positions: torch.Tensor,  # [M] drafter positions
-    block_size: int,
-) -> torch.Tensor:  # [M] int64 KV slots
-    """KV slot of drafter position c of request r: ``block_table[r, c // B] * B + c % B``. The
-    drafter position never exceeds the target position (c <= p), so the block is always one the
-    request owns. What V2's ``BlockTables.compute_slot_mappings`` computes for one KV group
-    without context parallelism.
-
-    E.g., block_size 4, request 0 owns blocks [7, 2], positions [0, 3, 4, 5] -> slots [28, 31, 8, 9].
-    """
-    positions = positions.long()
-    blocks = block_table[req_of_row, positions // block_size].long()
-    return blocks * block_size + positions % block_size
 
 
 def compacted_sample_rows(
@@ -183,3 +166,19 @@ def drafter_seq_lens(
     B = len(seq_shift)
     out[:B] -= torch.from_numpy(np.asarray(seq_shift)).to(device=out.device, dtype=out.dtype)
     return out
+
+
+def target_positions(
+    positions: torch.Tensor,  # [...] compressed (drafter) positions
+    drop_ranges: torch.Tensor,  # [..., S, 2] sorted dropped target ranges [lo, hi) of each position's request
+) -> torch.Tensor:  # [...] int64 target positions
+    """c -> p, the inverse of c(p) = p - |J ∩ [0, p)| on kept rows: walk the dropped ranges in
+    order; each one at or before the position shifts it past. Padding ranges [0, 0) change nothing.
+
+    E.g., ranges [(1, 4), (6, 8)] (rows 1-3 and 6-7 dropped): c [0, 1, 2, 3] -> p [0, 4, 5, 8].
+    """
+    p = positions.long()
+    for s in range(drop_ranges.shape[-2]):
+        lo, hi = drop_ranges[..., s, 0].long(), drop_ranges[..., s, 1].long()
+        p = torch.where(p >= lo, p + (hi - lo), p)
+    return p

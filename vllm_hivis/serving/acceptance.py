@@ -48,14 +48,21 @@ class Acceptance:
 
     def minus(self, before: Acceptance) -> Acceptance:
         """Counter deltas (metrics are cumulative; measure a run as after.minus(before))."""
-        n = max(len(self.per_position_counts), len(before.per_position_counts))
-        pad = lambda v: v + [0.0] * (n - len(v))  # noqa: E731
+        return self._combine(before, -1.0)
+
+    def plus(self, other: Acceptance) -> Acceptance:
+        """The counters of two runs together."""
+        return self._combine(other, 1.0)
+
+    def _combine(self, o: Acceptance, sign: float) -> Acceptance:
+        n = max(len(self.per_position_counts), len(o.per_position_counts))
+        pad = lambda v: list(v) + [0.0] * (n - len(v))  # noqa: E731
         return Acceptance(
-            self.num_drafts - before.num_drafts, self.num_draft_tokens - before.num_draft_tokens,
-            self.num_accepted - before.num_accepted,
-            [a - b for a, b in zip(pad(self.per_position_counts), pad(before.per_position_counts))],
-            self.drafter_prefill_tokens - before.drafter_prefill_tokens,
-            self.target_prefill_tokens - before.target_prefill_tokens)
+            self.num_drafts + sign * o.num_drafts, self.num_draft_tokens + sign * o.num_draft_tokens,
+            self.num_accepted + sign * o.num_accepted,
+            [a + sign * b for a, b in zip(pad(self.per_position_counts), pad(o.per_position_counts))],
+            self.drafter_prefill_tokens + sign * o.drafter_prefill_tokens,
+            self.target_prefill_tokens + sign * o.target_prefill_tokens)
 
     def summary(self) -> dict:
         return {"drafts": self.num_drafts, "draft_tokens": self.num_draft_tokens, "accepted": self.num_accepted,

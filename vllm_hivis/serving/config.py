@@ -71,15 +71,15 @@ def check_user_dict(sc: dict) -> DrafterSpec:
 
 
 def check_against_target(spec: DrafterSpec, sc: dict, target_model_config, target_parallel_config=None) -> None:
-    """The drafter must fit the target and the engine layout: a multimodal model with 1-D RoPE, the
-    same hidden size and vocab, no data / context parallelism (what hivis's plan does not cover)."""
+    """The drafter must fit the target and the engine layout: a multimodal model (M-RoPE targets on
+    the V1 runner only: the V2 speculator takes 1-D positions), the same hidden size and vocab, no data / context parallelism (what hivis's plan does not cover)."""
     drafter, name = sc["model"], target_model_config.model
     if not target_model_config.is_multimodal_model:
         raise HiViSConfigError(f"target {name!r} is not a multimodal model; hivis hides image tokens from the "
                                "drafter of a vision-language model (use method 'eagle' for text-only models)")
-    if getattr(target_model_config, "uses_mrope", False):
-        raise HiViSConfigError(f"target {name!r} uses M-RoPE (multimodal rotary positions, e.g. Qwen2-VL / "
-                               "Qwen2.5-VL); hivis supports targets with 1-D positions (LLaVA-1.5-style) so far")
+    if getattr(target_model_config, "uses_mrope", False) and os.environ.get("VLLM_USE_V2_MODEL_RUNNER", "0") != "0":
+        raise HiViSConfigError(f"target {name!r} uses M-RoPE (multimodal rotary positions, e.g. Qwen2.5-VL); hivis "
+                               "serves M-RoPE targets on vLLM's V1 runner only: unset VLLM_USE_V2_MODEL_RUNNER")
     H = target_model_config.get_hidden_size()
     V = target_model_config.get_vocab_size()
     if spec.hidden_size != H:
@@ -136,13 +136,8 @@ def rewrite_engine_args(args) -> DrafterSpec | None:
     spec = check_user_dict(sc)
     sc["method"] = "eagle"  # the drafter architecture tells every process it is hivis
     args.speculative_config = sc
-    if args.enable_prefix_caching is None:
-        # Drafter KV lives at compressed positions inside the request's blocks; shared prefix
-        # blocks would let requests overwrite each other's drafter context (acceptance loss).
-        args.enable_prefix_caching = False
-    elif args.enable_prefix_caching:
-        logger.warning("hivis: prefix caching is on; requests sharing cached image prefixes can overwrite "
-                       "each other's drafter context (outputs stay exact, acceptance may drop)")
+    # Prefix caching stays vLLM's default (on): the drafter's KV lives at its rows' target slots,
+    # a function of the shared prefix only (serving/draft_attention.py), so shared blocks are safe.
     if os.environ.get("VLLM_USE_V2_MODEL_RUNNER", "0") == "0":
         os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"  # the validated path (CPU build, and GPUs)
     else:

@@ -22,6 +22,7 @@ each proposal. There is no Python state a captured graph could freeze.
 holds the two to the same logits.
 """
 
+import functools
 from collections.abc import Iterable
 
 import torch
@@ -43,10 +44,23 @@ from vllm.model_executor.models.utils import (
 
 
 class _DrafterLayer(LlamaDecoderLayer):
-    """A Llama decoder layer without input norm (the fused input is not normalised, as in EAGLE)."""
+    """A Llama decoder layer without input norm (the fused input is not normalised, as in EAGLE),
+    whose attention keeps its KV at the target slots of its rows (serving/draft_attention.py)."""
 
     def __init__(self, vllm_config: VllmConfig, prefix: str, config) -> None:
-        super().__init__(vllm_config, prefix=prefix, config=config)
+        from vllm.model_executor.models import llama
+
+        from . import draft_attention
+
+        draft_attention.register()
+        # vLLM's LlamaAttention builds its Attention from the module global; for this one layer,
+        # with the drafter backend (construction is single-threaded; the global is restored).
+        orig = llama.Attention
+        llama.Attention = functools.partial(orig, attn_backend=draft_attention.HiViSDraftAttentionBackend)
+        try:
+            super().__init__(vllm_config, prefix=prefix, config=config)
+        finally:
+            llama.Attention = orig
         self.input_layernorm = nn.Identity()
 
     def get_quant_config(self, vllm_config: VllmConfig):

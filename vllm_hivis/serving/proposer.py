@@ -7,10 +7,12 @@ runs without hivis never see it.
 Per step, after vLLM has built the usual EAGLE inputs (ids shifted by one, positions, target
 hidden states) for every scheduled target row, `set_inputs_first_pass` compacts them to the rows
 the drafter may see (hide.py): dropped rows vanish, kept rows move to their drafter positions,
-and a new attention metadata gives each request its compacted query range, its drafter sequence
-length and KV slots at drafter positions in its own blocks. The rest of vLLM's propose() (forward,
-sampling, the K-1 step loop, rejected-row handling) then runs unchanged in drafter space. The
-index arithmetic is method/plan.py's, shared with the V2 speculator.
+and a new attention metadata gives each request its compacted query range and drafter sequence
+length; each request's dropped target ranges go to the drafter's attention backend
+(serving/draft_attention.py), which keeps every drafter KV row at its target slot. The rest of
+vLLM's propose() (forward, sampling, the K-1 step loop, rejected-row handling) then runs
+unchanged in drafter space. The index arithmetic is method/plan.py's, shared with the V2
+speculator.
 """
 
 from __future__ import annotations
@@ -26,12 +28,13 @@ from ..method.plan import (
     StepPlan,
     compacted_sample_rows,
     drafter_seq_lens,
-    drafter_slots,
+    dropped_ranges,
     plan_step,
     record_prefill,
     request_spans,
 )
 from .config import is_hivis
+from .draft_attention import DropRanges, max_spans
 from .metrics import PrefillCounters
 from .trace import ProposalTracer
 
@@ -42,7 +45,8 @@ class HiViSProposer(EagleProposer):
     def __init__(self, vllm_config, device: torch.device, runner=None):
         super().__init__(vllm_config, device, runner)
         assert is_hivis(vllm_config), "built for hivis configs only (patches/hivis.py)"
-        # Rejected at startup (serving/config.py); invariants from here on.
+        # Rejected at startup (serving/config.py); invariants from here on. The drafter is 1-D
+        # (checkpoint.py drops M-RoPE from its config); an M-RoPE target is fine (see _compact).
         assert not self.uses_mrope and not self.needs_extra_input_slots
         self.runner = runner
         self.prefill_counters = PrefillCounters.for_engine(vllm_config)
@@ -50,6 +54,7 @@ class HiViSProposer(EagleProposer):
         self.failures = 0  # proposals that raised and fell back (see _fallback_drafts)
         self.last_plan: StepPlan | None = None  # this step's plan (faults tests, debugging)
         self._span_cache: dict[str, np.ndarray] = {}  # req_id -> image spans
+        self.drops = DropRanges(vllm_config.scheduler_config.max_num_seqs, max_spans(vllm_config), device)
 
     def load_model(self, target_model) -> None:
         super().load_model(target_model)
@@ -92,6 +97,10 @@ class HiViSProposer(EagleProposer):
         qsl = cad.query_start_loc_cpu[: B + 1].numpy().astype(np.int64)
         plan = plan_step(num_computed, qsl, spans, prompt_lens)
         record_prefill(self.prefill_counters, req_ids, plan, num_computed, qsl, prompt_lens)
+        # for the drafter's attention: each request's dropped rows, and how far it may write (its
+        # window end plus the draft steps' lookahead slots)
+        lo, hi = dropped_ranges(spans)
+        self.drops.publish(lo, hi, num_computed + np.diff(qsl) + self.num_speculative_tokens)
         self.last_plan = plan
         return plan
 
@@ -127,19 +136,19 @@ class HiViSProposer(EagleProposer):
 
         E.g., plan_step's example (method/plan.py): buffers rows [a0..a6, b0, b1, b2] become
         [a0, a4, a5, a6, b0, b1, b2] at positions [0, 1, 2, 3, 4, 5, 6]; query_start_loc
-        [0, 7, 10] -> [0, 4, 7]; seq_lens [7, 10] -> [4, 7]; sample rows [6, 9] -> [3, 6]; KV slots
-        at drafter positions in each request's own blocks.
+        [0, 7, 10] -> [0, 4, 7]; seq_lens [7, 10] -> [4, 7]; sample rows [6, 9] -> [3, 6]. The KV
+        slots stay the rows' target slots (the drafter's attention translates positions itself,
+        serving/draft_attention.py).
         """
         dev = self.input_ids.device
         M = len(plan.keep_idx)
         keep = torch.from_numpy(plan.keep_idx).to(dev, non_blocking=True)
-        offset = torch.from_numpy(plan.offset).to(dev, non_blocking=True)
-        # Gather into the persistent buffers (right-hand sides are materialised first).
+        # Gather into the persistent buffers (right-hand sides are materialised first). Positions
+        # come from the plan (1-D sequence indices), never from the target's: an M-RoPE target's
+        # (Qwen2.5-VL) are three rows that jump over images by their grid size, not their length.
         self.input_ids[:M] = self.input_ids[keep]
         self.hidden_states[:M] = self.hidden_states[keep]
-        self.positions[:M] = self.positions[keep] - offset.to(self.positions.dtype)
-        req = torch.from_numpy(plan.req_of_row).to(dev, non_blocking=True)
-        slots = drafter_slots(cad.block_table_tensor, req, self.positions[:M], self.block_size)
+        self.positions[:M].copy_(torch.from_numpy(plan.positions), non_blocking=True)
         qsl_cpu = torch.from_numpy(plan.query_start_loc)
         qsl = qsl_cpu.to(dev, non_blocking=True)
         new_tis = compacted_sample_rows(tis, cad.query_start_loc, qsl)
@@ -154,7 +163,7 @@ class HiViSProposer(EagleProposer):
             num_actual_tokens=M,
             max_query_len=int(np.diff(plan.query_start_loc).max()),
             max_seq_len=int(new_ub.max()) if new_ub is not None else cad.max_seq_len,
-            slot_mapping=slots.to(cad.slot_mapping.dtype),
+            slot_mapping=cad.slot_mapping[keep],
             positions=None,
             _num_computed_tokens_cache=None,
             _token_to_req_indices_cache=None,

@@ -18,7 +18,9 @@ HiViSSpeculator keeps that method and changes three things around it:
 2. ``_prefill`` (called after the shift and the hidden-state copy) compacts the buffers to the kept
    rows, moves them to drafter positions, writes the compacted query_start_loc and
    ``last_token_indices = new_qsl[r+1] - 1 - num_rejected[r]``, recomputes slots through V2's
-   ``BlockTables.compute_slot_mappings`` (block_table[req, c // B] * B + c % B) and rebuilds the
+   ``BlockTables.compute_slot_mappings`` (the drafter's attention ignores them: it writes and
+   reads at target slots itself, from the dropped ranges ``propose`` publishes; see
+   serving/draft_attention.py) and rebuilds the
    attention metadata with ``_build_attn_metadata``, then runs the parent's ``_prefill`` eagerly.
    Compacting *after* the shift is what makes a kept row p read x_{p+1} even when row p+1 is dropped.
 3. ``init_cudagraph_manager`` gives the draft prefill a NONE-mode graph manager, so no FULL prefill
@@ -39,8 +41,17 @@ import inspect
 import numpy as np
 import torch
 
-from ..method.plan import StepPlan, drafter_seq_lens, last_token_indices, plan_step, record_prefill, request_spans
+from ..method.plan import (
+    StepPlan,
+    drafter_seq_lens,
+    dropped_ranges,
+    last_token_indices,
+    plan_step,
+    record_prefill,
+    request_spans,
+)
 from .config import is_hivis
+from .draft_attention import DropRanges, max_spans
 from .metrics import PrefillCounters
 from .trace import ProposalTracer
 
@@ -99,6 +110,7 @@ class HiViSSpeculatorMixin:
         super().__init__(vllm_config, device)
         self.req_states = req_states  # V2 RequestState (prompt lengths for the counters)
         self.prefill_counters = PrefillCounters.for_engine(vllm_config)
+        self.drops = DropRanges(vllm_config.scheduler_config.max_num_seqs, max_spans(vllm_config), device)
         self.tracer = ProposalTracer()
         self._hivis_step: _Step | None = None
         # Rejected at startup (serving/config.py: unknown key / M-RoPE / parallel layout); invariants here.
@@ -144,9 +156,11 @@ class HiViSSpeculatorMixin:
         prompt_lens = (self.req_states.prompt_len.np[input_batch.idx_mapping_np[:B]] if self.req_states is not None
                        else input_batch.prefill_len_np[:B])
         num_computed, qsl = input_batch.num_computed_tokens_np[:B], input_batch.query_start_loc_np
-        plan = plan_v2_prefill(num_computed, qsl, [request_spans(mm.get(r)) for r in req_ids], prompt_lens,
-                               input_batch.num_draft_tokens_per_req)
+        spans = [request_spans(mm.get(r)) for r in req_ids]
+        plan = plan_v2_prefill(num_computed, qsl, spans, prompt_lens, input_batch.num_draft_tokens_per_req)
         record_prefill(self.prefill_counters, req_ids, plan, num_computed, qsl, prompt_lens)
+        lo, hi = dropped_ranges(spans)  # for the drafter's attention (serving/draft_attention.py)
+        self.drops.publish(lo, hi, num_computed + np.diff(qsl[: B + 1]) + self.num_speculative_steps)
         to_dev = lambda a: torch.from_numpy(a).to(self.device, non_blocking=True)  # noqa: E731
         self._hivis_step = _Step(
             plan=plan, req_ids=req_ids, num_tokens=input_batch.num_tokens, keep=to_dev(plan.keep_idx),

@@ -1,0 +1,313 @@
+"""The drafter's attention: its KV lives at the *target* slots of the rows it keeps.
+
+Why (prefix caching): vLLM shares the KV blocks of identical prompt prefixes between requests. If
+the drafter stored its compressed sequence at compressed positions (c <= p) inside the request's
+blocks, a request's own text after a shared image would be written into the shared blocks (slots
+[c(s), s)), where requests sharing the image overwrite each other's drafter context: one tenant's
+private text would change another's acceptance (a timing side channel). Stored at the target slot
+of its row, every drafter KV entry is a function of the prompt prefix up to that row and its next
+token (as for vLLM's own EAGLE, whose one-token shift vLLM's prefix cache already accounts for), so
+shared blocks hold identical drafter KV for every request that shares them. The image rows'
+slots are simply never written. Memory: none extra (the drafter layer's cache spans every block,
+image rows included, as for EAGLE).
+
+So this backend, used by the drafter's one attention layer only (target layers keep the
+platform's backend), works in drafter space (compressed positions, as RoPE and vLLM's EAGLE loop
+see them) and translates each compressed position to its target position for every read and
+write: c -> p = c + (rows dropped before p), from each request's dropped ranges (method/plan.py
+``dropped_ranges``, target positions [lo, hi), sorted) that the proposer publishes every step
+(`DropRanges`). Writes beyond the window's allocation (a dummy row's, or the draft steps of a
+prefill chunk ending inside an image, whose drafts are discarded) are skipped.
+
+Queries follow vLLM's convention (bottom-right causal): row j of request i, with q_i rows and
+drafter sequence length L_i, is at compressed position L_i - q_i + j and attends to 0..itself.
+Attention: Triton on GPU (kernels/tree_attention.py, causal, with the position map), torch on the
+CPU (`attend_torch`, the same computation batched with padding; the kernel tests hold the two to
+each other).
+
+KV cache: vLLM hands the layer a [num_blocks, num_kv_heads, block_size, 2 * head_dim] view in the
+global layout; K is its [..., :head_dim] half, V the other, read as [num_blocks, block_size, heads,
+head_dim] strided views (page-local, so vLLM's per-block zeroing / copies stay correct).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import ClassVar
+
+import numpy as np
+import torch
+from vllm.v1.attention.backend import (
+    AttentionBackend,
+    AttentionCGSupport,
+    AttentionImpl,
+    AttentionMetadataBuilder,
+    AttentionType,
+    CommonAttentionMetadata,
+    MultipleOf,
+)
+
+from ..method.plan import target_positions
+
+NAME = "HIVIS_DRAFT_ATTN"
+NO_LIMIT = 2**31 - 1
+STEP_SLACK = 16  # extra key positions a step's slot table covers for its draft passes (each adds one)
+
+
+def register() -> None:
+    """Give the backend an AttentionBackendEnum member (Attention.__init__ looks its name up)."""
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
+
+    if NAME not in AttentionBackendEnum.__members__:
+        register_backend(NAME, f"{__name__}.HiViSDraftAttentionBackend")
+
+
+class DropRanges:
+    """The per-step side channel from the proposer to this backend: for batch row i (a request),
+    its dropped target ranges and the last target position it may write. Persistent device
+    buffers (CUDA graphs read them by address), sized for ``max_spans`` images per request; a batch
+    with more grows them (logged; a captured V2 graph would then need a restart)."""
+
+    current: DropRanges | None = None  # the worker process's instance (one drafter per worker)
+
+    def __init__(self, max_reqs: int, max_spans: int, device: torch.device):
+        self.device, self.used = device, 1
+        self.version = 0  # bumped by every publish (once per step): per-step caches key on it
+        self._allocate(max_reqs, max(1, max_spans))
+        self.limit = torch.full((max_reqs,), NO_LIMIT, dtype=torch.int32, device=device)  # [R]
+        self._limit_cpu = torch.full((max_reqs,), NO_LIMIT, dtype=torch.int32, pin_memory=device.type == "cuda")
+        DropRanges.current = self
+
+    def _allocate(self, max_reqs: int, S: int) -> None:
+        self.ranges = torch.zeros(max_reqs, S, 2, dtype=torch.int32, device=self.device)  # [R, S, 2] lo, hi
+        self._ranges_cpu = torch.zeros(max_reqs, S, 2, dtype=torch.int32, pin_memory=self.device.type == "cuda")
+
+    def publish(self, lo: np.ndarray, hi: np.ndarray, limit: np.ndarray) -> None:
+        # lo, hi: [B, S] int64 (method/plan.dropped_ranges); limit: [B] last writable target position
+        B, S = lo.shape
+        R, cap, _ = self.ranges.shape
+        assert B <= R, (B, R)
+        if S > cap:
+            logging.getLogger("vllm_hivis.draft_attention").warning(
+                "hivis: a request holds %d images, more than the %d the drafter attention was sized for; "
+                "growing its buffers", S, cap)
+            self._allocate(R, S)
+        r = self._ranges_cpu.numpy()
+        r[:B] = 0
+        r[:B, :S, 0], r[:B, :S, 1] = lo, hi
+        self._limit_cpu.numpy()[:B] = np.minimum(limit, NO_LIMIT)
+        self.ranges[:B].copy_(self._ranges_cpu[:B], non_blocking=True)
+        self.limit[:B].copy_(self._limit_cpu[:B], non_blocking=True)
+        self.used = S
+        self.version += 1
+
+
+def max_spans(vllm_config, cap: int = 64) -> int:
+    """Images (and videos) one prompt may hold, as configured (vLLM's default is 999: capped)."""
+    mm = getattr(vllm_config.model_config, "multimodal_config", None)
+    if mm is None:
+        return 1
+    return max(1, min(cap, sum(mm.get_limit_per_prompt(m) for m in ("image", "video"))))
+
+
+def kv_views(kv_cache: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V of the layer as [num_blocks, block_size, num_kv_heads, head_dim] strided views."""
+    assert kv_cache.dim() == 4 and kv_cache.shape[-1] == 2 * head_dim, tuple(kv_cache.shape)
+    return kv_cache[..., :head_dim].transpose(1, 2), kv_cache[..., head_dim:].transpose(1, 2)
+
+
+@dataclasses.dataclass
+class HiViSDraftAttentionMetadata:
+    num_actual_tokens: int
+    max_query_len: int
+    max_seq_len: int
+    query_start_loc: torch.Tensor  # [B + 1] drafter rows per request
+    seq_lens: torch.Tensor  # [B] drafter sequence lengths
+    block_table: torch.Tensor  # [B, max_blocks] the KV group's (target's) block table
+    ranges: torch.Tensor  # [B, S, 2] dropped target ranges per request (contiguous: the whole buffer width)
+    limit: torch.Tensor  # [B] last target position each request may write
+    used_ranges: int = 1  # the batch's largest number of ranges (the torch path walks only these)
+    version: int = -1  # DropRanges.version this metadata was built under (-1: no per-step caching)
+
+
+class HiViSDraftAttentionMetadataBuilder(AttentionMetadataBuilder[HiViSDraftAttentionMetadata]):
+    # The impl captures (no host sync on the GPU path) for uniform batches; this level also keeps
+    # the target's own FULL graphs (vLLM takes the minimum over every builder of the runner).
+    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.UNIFORM_BATCH
+    reorder_batch_threshold: int | None = None
+
+    def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        self._empty = torch.zeros(0, 1, 2, dtype=torch.int32, device=device)
+
+    def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
+              fast_build: bool = False) -> HiViSDraftAttentionMetadata:
+        # Also called by the target's runner every step (its result unused there): keep it cheap.
+        cm, B = common_attn_metadata, common_attn_metadata.num_reqs
+        drops = DropRanges.current
+        return HiViSDraftAttentionMetadata(
+            num_actual_tokens=cm.num_actual_tokens, max_query_len=cm.max_query_len, max_seq_len=cm.max_seq_len,
+            query_start_loc=cm.query_start_loc, seq_lens=cm.seq_lens, block_table=cm.block_table_tensor,
+            ranges=drops.ranges[:B] if drops is not None else self._empty.expand(B, 1, 2).contiguous(),
+            limit=drops.limit[:B] if drops is not None else torch.full((B,), NO_LIMIT, dtype=torch.int32,
+                                                                        device=cm.seq_lens.device),
+            used_ranges=drops.used if drops is not None else 1, version=drops.version if drops is not None else -1)
+
+
+class HiViSDraftAttentionBackend(AttentionBackend):
+    forward_includes_kv_cache_update: bool = True  # the impl writes K/V itself (translated slots)
+    supported_dtypes: ClassVar[list[torch.dtype]] = [torch.float16, torch.bfloat16, torch.float32]
+    supported_kv_cache_dtypes: ClassVar[list] = ["auto", "float16", "bfloat16", "float32"]
+
+    @staticmethod
+    def get_name() -> str:
+        return NAME
+
+    @staticmethod
+    def get_impl_cls():
+        return HiViSDraftAttentionImpl
+
+    @staticmethod
+    def get_builder_cls():
+        return HiViSDraftAttentionMetadataBuilder
+
+    @staticmethod
+    def get_supported_kernel_block_sizes(kv_cache_spec=None):
+        return [MultipleOf(1)]  # whatever the target's backend needs
+
+    @classmethod
+    def supported_kv_cache_layouts(cls):
+        return None  # whatever the target's backend needs (kv_views reads any)
+
+
+def rows(md: HiViSDraftAttentionMetadata, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(request [T], compressed position [T]) of the batch's first T rows (bottom-right causal)."""
+    if md.max_query_len == 1 and T == md.seq_lens.shape[0]:  # a draft step: one row per request
+        return torch.arange(T, device=md.seq_lens.device), md.seq_lens[:T].long() - 1
+    qsl = md.query_start_loc.long()
+    q = qsl[1:] - qsl[:-1]
+    req = torch.repeat_interleave(torch.arange(len(q), device=qsl.device), q, output_size=T)
+    pos = md.seq_lens.long()[req] - q[req] + torch.arange(T, device=qsl.device) - qsl[req]
+    return req, pos
+
+
+def slots_of(md: HiViSDraftAttentionMetadata, req: torch.Tensor, target_pos: torch.Tensor,
+             block_size: int) -> torch.Tensor:
+    # req, target_pos: [...] -> [...] flat slots; positions past a request's block table clamp
+    # (callers mask them out)
+    blk = (target_pos // block_size).clamp(max=md.block_table.shape[1] - 1)
+    return md.block_table.long()[req, blk] * block_size + target_pos % block_size
+
+
+def write_slots(md: HiViSDraftAttentionMetadata, T: int, block_size: int) -> torch.Tensor:
+    """[T] int64 slot of each new row at its target position; -1 past the request's writable limit."""
+    req, pos = rows(md, T)
+    S = md.ranges.shape[1] if md.ranges.is_cuda else md.used_ranges  # GPU: a fixed graph-safe width
+    p = target_positions(pos, md.ranges[req, :S])
+    return torch.where(p <= md.limit.long()[req], slots_of(md, req, p, block_size), -1)
+
+
+def slot_table(md: HiViSDraftAttentionMetadata, L: int, block_size: int) -> torch.Tensor:
+    """[B, L] int64 target slot of drafter key positions 0..L-1 of each request; -1 where that
+    target position is past the request's writable limit. Fixed for a whole step (the ranges,
+    limits and block table are), whatever the pass."""
+    B = md.seq_lens.shape[0]
+    keys = torch.arange(L, device=md.seq_lens.device).expand(B, L)
+    p = target_positions(keys, md.ranges[:, None, : md.used_ranges])  # [B, L]
+    slot = slots_of(md, torch.arange(B, device=p.device)[:, None].expand(B, L), p, block_size)
+    return torch.where(p <= md.limit.long()[:, None], slot, -1)
+
+
+def key_slots(md: HiViSDraftAttentionMetadata, block_size: int, table: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, L] int64 target slot of every drafter key position 0..L-1 of each request
+    (L = the batch's longest drafter sequence; -1 past a request's own length or writable limit),
+    read from a step's `slot_table` when given (at least L wide)."""
+    L = max(1, md.max_seq_len)
+    table = slot_table(md, L, block_size) if table is None else table[:, :L]
+    held = torch.arange(L, device=table.device) < md.seq_lens.long()[:, None]
+    return torch.where(held, table, -1)
+
+
+def attend_torch(md, q, kv_cache, scale: float, T: int, slots: torch.Tensor) -> torch.Tensor:
+    """Causal attention in drafter space over translated slots (CPU path): requests padded to
+    [B, max_query_len] queries x [B, L] keys, one SDPA call.
+    q: [>= T, Hq, D]; kv_cache: the layer's [num_blocks, H, block_size, 2 * D]; slots: [B, L] from
+    `key_slots` -> [T, Hq, D] in q's dtype."""
+    B, L = slots.shape
+    Q, bs, D = max(1, md.max_query_len), kv_cache.shape[2], q.shape[2]
+    qsl, seq = md.query_start_loc.long(), md.seq_lens.long()
+    n_q = qsl[1:] - qsl[:-1]  # [B]
+    j = torch.arange(Q, device=q.device)
+    row = qsl[:-1, None] + j  # [B, Q] batch row of each padded query
+    real = j < n_q[:, None]
+    qp = q[row.clamp(max=max(T - 1, 0))]  # [B, Q, Hq, D]
+    held = slots >= 0  # [B, L]
+    s = slots.clamp(min=0)
+    # one gather of K and V together, on the cache's own layout (a gather through the strided K/V
+    # views is ~4x slower); padding keys may hold anything, NaN included: zero them (a masked
+    # score alone leaves 0 * NaN)
+    kv = torch.where(held[..., None, None], kv_cache[s // bs, :, s % bs], 0.0)  # [B, L, H, 2D]
+    k, v = kv[..., :D], kv[..., D:]
+    pos = (seq - n_q)[:, None] + j  # [B, Q] compressed position of each query
+    visible = (torch.arange(L, device=q.device) <= pos[..., None]) & held[:, None, :]  # [B, Q, L]
+    visible[..., 0] |= ~visible.any(-1)  # padding queries (or rows past the limit): no all-masked row
+    o = torch.nn.functional.scaled_dot_product_attention(
+        qp.transpose(1, 2), k.to(q.dtype).transpose(1, 2), v.to(q.dtype).transpose(1, 2),
+        attn_mask=visible[:, None], scale=scale, enable_gqa=k.shape[2] != q.shape[1])  # [B, Hq, Q, D]
+    out = q.new_empty(T, q.shape[1], q.shape[2])
+    out[row[real]] = o.transpose(1, 2)[real]
+    return out
+
+
+class HiViSDraftAttentionImpl(AttentionImpl[HiViSDraftAttentionMetadata]):
+    def __init__(self, num_heads, head_size, scale, num_kv_heads=None, alibi_slopes=None, sliding_window=None,
+                 kv_cache_dtype="auto", logits_soft_cap=None, attn_type=AttentionType.DECODER,
+                 kv_sharing_target_layer_name=None, **extra):
+        # (AttentionImpl.__init__ must not be called: vLLM's base raises; __new__ sets its fields)
+        if alibi_slopes is not None or sliding_window is not None or logits_soft_cap:
+            raise ValueError("the hivis drafter's attention has no ALiBi, sliding window or soft cap")
+        assert attn_type == AttentionType.DECODER and kv_sharing_target_layer_name is None
+        self.num_heads, self.head_size, self.scale = num_heads, head_size, float(scale)
+        self.num_kv_heads = num_kv_heads or num_heads
+        self.kv_cache_dtype = kv_cache_dtype
+        self._table: tuple | None = None  # CPU path: (step key, slot_table) reused by the step's passes
+
+    def _step_table(self, md: HiViSDraftAttentionMetadata, block_size: int) -> torch.Tensor:
+        """This step's slot table, computed at its first pass (wide enough for the draft passes'
+        growth) and reused by the later ones; recomputed on a new step, batch or block table."""
+        L = max(1, md.max_seq_len)
+        key = (md.version, md.seq_lens.shape[0], md.block_table.data_ptr(), md.block_table.shape)
+        if md.version < 0 or self._table is None or self._table[0] != key or self._table[1].shape[1] < L:
+            self._table = (key, slot_table(md, L + STEP_SLACK, block_size))
+        return self._table[1]
+
+    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
+                output_block_scale=None, **_):
+        # query: [T_pad, Hq, D]; key, value: [T_pad, H, D]; output: [T_pad, Hq, D], written in place
+        assert output_scale is None and output_block_scale is None
+        md = attn_metadata
+        if md is None or kv_cache.numel() == 0:  # profile / dummy runs
+            return output
+        T = md.num_actual_tokens
+        query = query.view(-1, self.num_heads, self.head_size)
+        key = key.view(-1, self.num_kv_heads, self.head_size)
+        value = value.view(-1, self.num_kv_heads, self.head_size)
+        k_cache, v_cache = kv_views(kv_cache, self.head_size)
+        out = output.view(-1, self.num_heads, self.head_size)
+        from vllm_hivis.kernels.kv_write import write_kv, write_kv_ref
+
+        if query.is_cuda:  # Triton: no host sync (CUDA-graph capturable)
+            from vllm_hivis.kernels.tree_attention import tree_attention
+
+            write_kv(key[:T], value[:T], k_cache, v_cache, write_slots(md, T, k_cache.shape[1]))
+            tree_attention(query[:T].contiguous(), k_cache, v_cache, md.block_table, md.seq_lens,
+                           md.query_start_loc, None, None, self.scale, use_tree_mask=False,
+                           max_q_len=md.max_query_len, out=out[:T], drop_ranges=md.ranges)
+        else:
+            keys = key_slots(md, k_cache.shape[1], self._step_table(md, k_cache.shape[1]))  # [B, L]
+            # (the new rows' write slots are among the keys)
+            req, pos = rows(md, T)
+            write_kv_ref(key[:T], value[:T], k_cache, v_cache, keys[req, pos])
+            out[:T] = attend_torch(md, query, kv_cache, self.scale, T, keys).to(out.dtype)
+        return output
