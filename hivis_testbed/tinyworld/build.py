@@ -111,7 +111,8 @@ def _hub_key(k: str) -> str:
 
 def save_llava(model, processor, out_dir: str | os.PathLike, dtype=torch.float16,
                provenance: dict | None = None) -> Path:
-    """Save a LlavaForConditionalGeneration in hub layout with its processor and provenance."""
+    """Save a LLaVA-family model (LlavaForConditionalGeneration, LlavaNextForConditionalGeneration)
+    in hub layout with its processor and provenance."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     sd = {}
@@ -121,7 +122,7 @@ def save_llava(model, processor, out_dir: str | os.PathLike, dtype=torch.float16
     save_file(sd, out / "model.safetensors", metadata={"format": "pt"})
     cfg = model.config
     cfg.dtype = dtype
-    cfg.architectures = ["LlavaForConditionalGeneration"]
+    cfg.architectures = [type(model).__name__]
     cfg.save_pretrained(out)
     processor.save_pretrained(out)
     if provenance is not None:
