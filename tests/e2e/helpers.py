@@ -57,3 +57,21 @@ def transformers_greedy(questions, images, max_new_tokens=128):
     model = HFTarget(assets.tiny_target()).hf
     return greedy(model, AutoTokenizer.from_pretrained(assets.tiny_target()), questions, images,
                   max_new_tokens=max_new_tokens)
+
+
+def check_lossless_under_preemption(target, drafter, prompts, max_model_len, **engine_kw):
+    """hivis (k=3) with a KV cache of one max_model_len plus the draft lookahead (block size 32,
+    the CPU build's) against no-spec, for prompts that all run to 96 tokens: requests must be
+    preempted and resumed, and the answers stay the target's own."""
+    from vllm import SamplingParams
+
+    sp = SamplingParams(temperature=0.0, max_tokens=96, ignore_eos=True)
+    kw = dict(model=target, max_model_len=max_model_len, max_num_seqs=8, **engine_kw)
+    with engine(**kw) as llm:
+        ref = llm.generate(prompts, sp, use_tqdm=False)
+    spec = {"method": "hivis", "model": drafter, "num_speculative_tokens": 3}
+    with engine(speculative_config=spec, block_size=32, num_gpu_blocks_override=max_model_len // 32 + 1, **kw) as llm:
+        out = llm.generate(prompts, sp, use_tqdm=False)
+        preemptions = sum(m.value for m in llm.get_metrics() if m.name == "vllm:num_preemptions")
+    assert token_ids(out) == token_ids(ref)
+    assert preemptions > 0

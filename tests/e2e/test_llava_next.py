@@ -17,7 +17,7 @@ from vllm_hivis.method.checkpoint import DrafterSpec
 from vllm_hivis.serving.acceptance import from_llm_metrics
 from vllm_hivis.train.drafters import HiViSDrafter
 
-from .helpers import engine, text_prompt, token_ids
+from .helpers import check_lossless_under_preemption, engine, text_prompt, token_ids
 
 pytestmark = pytest.mark.e2e
 PINPOINTS = [[56, 56], [56, 112], [112, 56], [112, 112]]
@@ -96,21 +96,7 @@ def test_hivis_on_llava_next(next_target, max_num_seqs):
     assert acc.target_prefill_tokens == sum(len(o.prompt_token_ids) for o in out)
 
 
-
 def test_llava_next_under_preemption(next_target):
-    """A KV cache of one max_model_len plus the draft lookahead (17 blocks of 32 tokens, the CPU
-    build's block size) for five requests that all run to 96 tokens: requests are preempted and
-    resumed, and the answers stay the target's own."""
-    from vllm import SamplingParams
-
-    target, drafter, _ = next_target
-    sp = SamplingParams(temperature=0.0, max_tokens=96, ignore_eos=True)
-    kw = dict(model=target, max_model_len=512, limit_mm_per_prompt={"image": 2}, max_num_seqs=8)
-    with engine(**kw) as llm:
-        ref = llm.generate(prompts(), sp, use_tqdm=False)
-    spec = {"method": "hivis", "model": drafter, "num_speculative_tokens": 3}
-    with engine(speculative_config=spec, block_size=32, num_gpu_blocks_override=17, **kw) as llm:
-        out = llm.generate(prompts(), sp, use_tqdm=False)
-        preemptions = sum(m.value for m in llm.get_metrics() if m.name == "vllm:num_preemptions")
-    assert token_ids(out) == token_ids(ref)
-    assert preemptions > 0
+    """Five requests that all run to 96 tokens in a KV cache of one max_model_len: preempted,
+    resumed, exact (helpers.check_lossless_under_preemption)."""
+    check_lossless_under_preemption(*next_target[:2], prompts(), 512, limit_mm_per_prompt={"image": 2})

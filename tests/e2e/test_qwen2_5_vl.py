@@ -24,7 +24,7 @@ from vllm_hivis.serving.acceptance import from_llm_metrics
 from vllm_hivis.serving.trace import load_traces
 from vllm_hivis.train.drafters import HiViSDrafter
 
-from .helpers import engine, token_ids
+from .helpers import check_lossless_under_preemption, engine, token_ids
 
 pytestmark = pytest.mark.e2e
 VISION = ["<|vision_start|>", "<|vision_end|>", "<|video_pad|>"]
@@ -139,19 +139,6 @@ def pad_runs(ids, pads):
 
 
 def test_qwen2_5_vl_under_preemption(qwen_target):
-    """A KV cache of one max_model_len plus the draft lookahead (9 blocks of 32 tokens, the CPU
-    build's block size) for five requests that all run to 96 tokens: requests are preempted and
-    resumed, and the answers stay the target's own."""
-    from vllm import SamplingParams
-
-    target, drafter, _ = qwen_target
-    sp = SamplingParams(temperature=0.0, max_tokens=96, ignore_eos=True)
-    kw = dict(model=target, max_model_len=256, limit_mm_per_prompt={"image": 2, "video": 1}, max_num_seqs=8)
-    with engine(**kw) as llm:
-        ref = llm.generate(prompts(), sp, use_tqdm=False)
-    spec = {"method": "hivis", "model": drafter, "num_speculative_tokens": 3}
-    with engine(speculative_config=spec, block_size=32, num_gpu_blocks_override=9, **kw) as llm:
-        out = llm.generate(prompts(), sp, use_tqdm=False)
-        preemptions = sum(m.value for m in llm.get_metrics() if m.name == "vllm:num_preemptions")
-    assert token_ids(out) == token_ids(ref)
-    assert preemptions > 0
+    """Five requests that all run to 96 tokens in a KV cache of one max_model_len: preempted,
+    resumed, exact (helpers.check_lossless_under_preemption)."""
+    check_lossless_under_preemption(*qwen_target[:2], prompts(), 256, limit_mm_per_prompt={"image": 2, "video": 1})
