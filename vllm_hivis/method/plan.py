@@ -102,8 +102,9 @@ def plan_step(num_computed: np.ndarray, query_start_loc: np.ndarray, spans: list
         t_rows = np.bincount(row_req[prompt], minlength=B)
         d_rows = np.bincount(row_req[prompt & kept], minlength=B)
     off = offset[keep_idx]
-    return StepPlan(keep_idx=keep_idx, offset=off, positions=p[keep_idx] - off, req_of_row=row_req[keep_idx], query_start_loc=new_qsl,
-                    seq_shift=seq_shift, dummy=dummy, drafter_prompt_rows=d_rows, target_prompt_rows=t_rows,
+    return StepPlan(keep_idx=keep_idx, offset=off, positions=p[keep_idx] - off, req_of_row=row_req[keep_idx],
+                    query_start_loc=new_qsl, seq_shift=seq_shift, dummy=dummy, drafter_prompt_rows=d_rows,
+                    target_prompt_rows=t_rows,
                     identity=bool(len(keep_idx) == len(p) and not off.any()))
 
 

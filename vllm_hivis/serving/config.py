@@ -72,7 +72,8 @@ def check_user_dict(sc: dict) -> DrafterSpec:
 
 def check_against_target(spec: DrafterSpec, sc: dict, target_model_config, target_parallel_config=None) -> None:
     """The drafter must fit the target and the engine layout: a multimodal model (M-RoPE targets on
-    the V1 runner only: the V2 speculator takes 1-D positions), the same hidden size and vocab, no data / context parallelism (what hivis's plan does not cover)."""
+    the V1 runner only: the V2 speculator takes 1-D positions), the same hidden size and vocab, no
+    data / context parallelism (what hivis's plan does not cover)."""
     drafter, name = sc["model"], target_model_config.model
     if not target_model_config.is_multimodal_model:
         raise HiViSConfigError(f"target {name!r} is not a multimodal model; hivis hides image tokens from the "
