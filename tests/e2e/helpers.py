@@ -3,6 +3,8 @@
 import json
 from pathlib import Path
 
+import numpy as np
+
 from hivis_testbed import assets
 from hivis_testbed.engine import engine, model_runner  # noqa: F401  (re-exported to the tests)
 from hivis_testbed.tinyworld.build import prompt_text
@@ -75,3 +77,67 @@ def check_lossless_under_preemption(target, drafter, prompts, max_model_len, **e
         preemptions = sum(m.value for m in llm.get_metrics() if m.name == "vllm:num_preemptions")
     assert token_ids(out) == token_ids(ref)
     assert preemptions > 0
+
+
+def traced_rows(traces, request_id):
+    """All first-pass rows vLLM's drafter ran for one request: a dict per field. (The engine's
+    internal request ids are the user's id plus a random suffix: '0' -> '0-960f2ecb'.)"""
+    rows = {k: [] for k in ("target_pos", "drafter_pos", "input_ids", "features", "out_features", "is_dummy")}
+    for t in traces:
+        ids = [str(r).rsplit("-", 1)[0] for r in t["req_ids"]]
+        if request_id not in ids:
+            continue
+        sel = t["req_of_row"] == ids.index(request_id)
+        for k in rows:
+            rows[k].append(t[k][sel])
+    return {k: np.concatenate(v) for k, v in rows.items()}
+
+
+def pipeline_items():
+    """Two image prompts of different aspect ratios and a text-only one (any-size towers)."""
+    from PIL import Image
+
+    from vllm_hivis.train.prompts import PromptItem
+
+    return [PromptItem(id="0", question="Describe the image in detail.", image=Image.new("RGB", (200, 90), "red")),
+            PromptItem(id="1", question="How many shapes are there?", image=Image.new("RGB", (60, 150), "green")),
+            PromptItem(id="2", question="What colour is the background?")]
+
+
+def check_training_pipeline_matches_serving(target, drafter, items, trace_dir, **engine_kw):
+    """The training side against vLLM on one target: the offline evaluator generates vLLM's greedy
+    tokens and counts acceptance exactly as vLLM does (k=3); training tokenises prompts as vLLM
+    does; and the hidden states data generation records (transformers' forward) equal the ones
+    vLLM hands the drafter, row for row."""
+    import torch
+    from vllm import SamplingParams
+
+    from vllm_hivis.serving.acceptance import from_llm_metrics
+    from vllm_hivis.serving.trace import load_traces
+    from vllm_hivis.train.evaluate import evaluate
+    from vllm_hivis.train.target import HFTarget
+
+    acc_off, gen = evaluate(target, drafter, items, k=3, max_tokens=24, progress=False)
+    hf = HFTarget(target)
+    reqs = [{"prompt": it.chat_text(hf.processor), **({"multi_modal_data": {"image": it.image}} if it.image else {})}
+            for it in items]
+    spec = {"method": "hivis", "model": drafter, "num_speculative_tokens": 3}
+    with engine(model=target, max_model_len=1024, speculative_config=spec,
+                env={"VLLM_HIVIS_TRACE_DIR": str(trace_dir)}, **engine_kw) as llm:
+        outs = llm.generate(reqs, SamplingParams(temperature=0.0, max_tokens=24), use_tqdm=False)
+        acc = from_llm_metrics(llm.get_metrics())
+    assert gen == token_ids(outs)
+    assert (acc_off.num_drafts, acc_off.num_draft_tokens, acc_off.num_accepted) == \
+        (acc.num_drafts, acc.num_draft_tokens, acc.num_accepted)
+    traces, checked = load_traces(trace_dir), 0
+    for it, o in zip(items, outs):
+        ids = list(o.prompt_token_ids) + list(o.outputs[0].token_ids)
+        assert hf.encode(it)[0].tolist() == list(o.prompt_token_ids)  # vLLM and training tokenise alike
+        hidden, _ = hf.hidden_states(torch.tensor(ids), it.image)
+        tr = traced_rows(traces, o.request_id)
+        for j in np.flatnonzero(~tr["is_dummy"].astype(bool)):
+            p = int(tr["target_pos"][j])
+            if p < len(ids) - 1 and int(tr["input_ids"][j]) == ids[p + 1]:
+                np.testing.assert_allclose(tr["features"][j], hidden[p].numpy(), atol=2e-4, rtol=1e-3)
+                checked += 1
+    assert checked > 40

@@ -17,7 +17,14 @@ from vllm_hivis.method.checkpoint import DrafterSpec
 from vllm_hivis.serving.acceptance import from_llm_metrics
 from vllm_hivis.train.drafters import HiViSDrafter
 
-from .helpers import check_lossless_under_preemption, engine, text_prompt, token_ids
+from .helpers import (
+    check_lossless_under_preemption,
+    check_training_pipeline_matches_serving,
+    engine,
+    pipeline_items,
+    text_prompt,
+    token_ids,
+)
 
 pytestmark = pytest.mark.e2e
 PINPOINTS = [[56, 56], [56, 112], [112, 56], [112, 112]]
@@ -100,3 +107,10 @@ def test_llava_next_under_preemption(next_target):
     """Five requests that all run to 96 tokens in a KV cache of one max_model_len: preempted,
     resumed, exact (helpers.check_lossless_under_preemption)."""
     check_lossless_under_preemption(*next_target[:2], prompts(), 512, limit_mm_per_prompt={"image": 2})
+
+
+def test_training_pipeline_on_llava_next(next_target, tmp_path):
+    """Offline evaluator and recorded hidden states (any-resolution image inputs) against vLLM
+    (helpers.check_training_pipeline_matches_serving)."""
+    check_training_pipeline_matches_serving(*next_target[:2], pipeline_items(), tmp_path,
+                                            limit_mm_per_prompt={"image": 2})

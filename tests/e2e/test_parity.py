@@ -20,7 +20,7 @@ from vllm_hivis.train.prompts import PromptItem
 from vllm_hivis.train.target import HFTarget
 from vllm_hivis.train.trainer import frozen_target_parts
 
-from .helpers import engine, hivis_spec, image_size, text_prompt
+from .helpers import engine, hivis_spec, image_size, text_prompt, traced_rows
 
 pytestmark = pytest.mark.e2e
 K = 3
@@ -55,20 +55,6 @@ def served(tmp_path_factory):
                             use_tqdm=False)
         acc = from_llm_metrics(llm.get_metrics())
     return outs, acc, load_traces(trace)
-
-
-def traced_rows(traces, request_id):
-    """All first-pass rows vLLM's drafter ran for one request: a dict per field. (The engine's
-    internal request ids are the user's id plus a random suffix: '0' -> '0-960f2ecb'.)"""
-    rows = {k: [] for k in ("target_pos", "drafter_pos", "input_ids", "features", "out_features", "is_dummy")}
-    for t in traces:
-        ids = [str(r).rsplit("-", 1)[0] for r in t["req_ids"]]
-        if request_id not in ids:
-            continue
-        sel = t["req_of_row"] == ids.index(request_id)
-        for k in rows:
-            rows[k].append(t[k][sel])
-    return {k: np.concatenate(v) for k, v in rows.items()}
 
 
 def test_training_examples_equal_what_the_drafter_saw(served):

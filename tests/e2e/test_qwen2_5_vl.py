@@ -18,13 +18,21 @@ import pytest
 import torch
 
 from hivis_testbed import assets
+from hivis_testbed.tinyworld.build import CHAT_TEMPLATE
 from vllm_hivis.method.checkpoint import DrafterSpec
 from vllm_hivis.method.hide import as_spans, is_dropped
 from vllm_hivis.serving.acceptance import from_llm_metrics
 from vllm_hivis.serving.trace import load_traces
 from vllm_hivis.train.drafters import HiViSDrafter
 
-from .helpers import check_lossless_under_preemption, engine, token_ids
+from .helpers import (
+    check_lossless_under_preemption,
+    check_training_pipeline_matches_serving,
+    engine,
+    pipeline_items,
+    token_ids,
+    traced_rows,
+)
 
 pytestmark = pytest.mark.e2e
 VISION = ["<|vision_start|>", "<|vision_end|>", "<|video_pad|>"]
@@ -65,7 +73,8 @@ def qwen_target(tmp_path_factory):
     model.save_pretrained(target)
     pixels = dict(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 64)
     Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessor(patch_size=14, merge_size=2, **pixels), tokenizer=tok,
-                        video_processor=Qwen2VLVideoProcessor(**pixels)).save_pretrained(target)
+                        video_processor=Qwen2VLVideoProcessor(**pixels),
+                        chat_template=CHAT_TEMPLATE.replace("<image>\n", IMAGE)).save_pretrained(target)
     text = json.loads((target / "config.json").read_text())["text_config"]
     d = HiViSDrafter.for_target(text, DrafterSpec(hidden_size=64, vocab_size=len(tok), step_bias_steps=0))
     drafter = d.save_pretrained(root / "drafter", dtype=torch.float32)
@@ -114,12 +123,9 @@ def test_hivis_on_qwen2_5_vl(qwen_target, max_num_seqs, tmp_path):
     traces = load_traces(tmp_path)
     for o, n_media in zip(out, media):  # what the drafter ran on, per request: text rows at 1-D positions
         spans = pad_runs(o.prompt_token_ids, set(pad.values()))
-        rows = []
-        for t in traces:
-            ids_t = [str(r).rsplit("-", 1)[0] for r in t["req_ids"]]
-            if o.request_id in ids_t:
-                sel = (t["req_of_row"] == ids_t.index(o.request_id)) & ~t["is_dummy"].astype(bool)
-                rows += list(zip(t["target_pos"][sel].tolist(), t["drafter_pos"][sel].tolist()))
+        tr = traced_rows(traces, o.request_id)
+        real = ~tr["is_dummy"].astype(bool)
+        rows = list(zip(tr["target_pos"][real].tolist(), tr["drafter_pos"][real].tolist()))
         assert rows and not is_dropped(as_spans(spans), np.array([p for p, _ in rows], dtype=np.int64)).any()
         assert all(c == p - sum(min(max(p - (s - 1), 0), n) for s, n in spans) for p, c in rows)
         prompt_rows = {c for p, c in rows if p < len(o.prompt_token_ids)}
@@ -142,3 +148,10 @@ def test_qwen2_5_vl_under_preemption(qwen_target):
     """Five requests that all run to 96 tokens in a KV cache of one max_model_len: preempted,
     resumed, exact (helpers.check_lossless_under_preemption)."""
     check_lossless_under_preemption(*qwen_target[:2], prompts(), 256, limit_mm_per_prompt={"image": 2, "video": 1})
+
+
+
+def test_training_pipeline_on_qwen2_5_vl(qwen_target, tmp_path):
+    """Offline evaluator and recorded hidden states (transformers' own M-RoPE) against vLLM
+    (helpers.check_training_pipeline_matches_serving)."""
+    check_training_pipeline_matches_serving(*qwen_target[:2], pipeline_items(), tmp_path)

@@ -137,7 +137,7 @@ def plan_step_loop(num_computed, query_start_loc, spans, prompt_lens=None):
 
     B = len(num_computed)
     assert query_start_loc.shape == (B + 1,) and len(spans) == B
-    keep, offs, reqs = [], [], []
+    keep, offs, pos, reqs = [], [], [], []
     qsl = np.zeros(B + 1, dtype=np.int32)
     shift = np.zeros(B, dtype=np.int64)
     dummy = np.zeros(B, dtype=bool)
@@ -178,16 +178,15 @@ def plan_step_loop(num_computed, query_start_loc, spans, prompt_lens=None):
         identity &= len(rows) == q and not off.any()
         keep.append(rows)
         offs.append(off)
+        pos.append(s + (rows - lo) - off)  # target position - offset
         reqs.append(np.full(len(rows), i, dtype=np.int64))
         qsl[i + 1] = qsl[i] + len(rows)
         c_last = s + int(rows[-1] - lo) - int(off[-1])  # drafter position of the last kept row
         shift[i] = (s + q) - (c_last + 1)
     cat = lambda xs: np.concatenate(xs) if xs else np.zeros(0, dtype=np.int64)  # noqa: E731
-    return StepPlan(keep_idx=cat(keep), offset=cat(offs), req_of_row=cat(reqs), query_start_loc=qsl,
+    return StepPlan(keep_idx=cat(keep), offset=cat(offs), positions=cat(pos), req_of_row=cat(reqs), query_start_loc=qsl,
                     seq_shift=shift, dummy=dummy, drafter_prompt_rows=d_rows, target_prompt_rows=t_rows,
                     identity=bool(identity))
-
-
 
 
 @pytest.mark.parametrize("seed", range(30))

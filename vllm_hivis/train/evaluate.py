@@ -24,7 +24,7 @@ from ..serving.acceptance import Acceptance
 from .data import image_spans
 from .drafters import load_drafter
 from .prompts import PromptItem, prompt_source, tinyworld_source
-from .target import HFTarget, check_target
+from .target import HFTarget, check_target, image_size
 from .trainer import frozen_target_parts
 
 
@@ -138,9 +138,9 @@ def main(argv=None) -> int:
         if not 1 <= args.num_speculative_tokens <= 32 or args.max_tokens < 1:
             raise ValueError(f"-k must be in 1..32 and --max-tokens >= 1, got {args.num_speculative_tokens}, "
                              f"{args.max_tokens}")
-        cfg = check_target(args.target)
+        check_target(args.target)
         load_drafter(args.drafter)
-        items = prompt_source(tinyworld_source(args.tinyworld, cfg["vision_config"]["image_size"], args.prompt_kind))
+        items = prompt_source(tinyworld_source(args.tinyworld, image_size(args.target), args.prompt_kind))
     except (ValueError, OSError) as e:
         raise SystemExit(f"error: {e}") from None
     acc, _ = evaluate(args.target, args.drafter, items, args.num_speculative_tokens, args.max_tokens)

@@ -61,6 +61,10 @@ def _with_adaptor_rows(ex: dict, rec: dict, num_q: int) -> dict:
     ex["image_embeds"] = rec["image_embeds"].float()
     if len(spans) == 0 or num_q < 2:
         return ex
+    if len(ex["image_embeds"]) == 0:
+        raise ValueError("the ViSpec-style drafter needs the target's projected image features, and this dataset "
+                         "has none (its target's transformers model does not return them, e.g. Qwen2.5-VL); "
+                         "train a hivis, text or eagle drafter on it")
     off, length = (int(v) for v in spans[0])
     k = num_q - 1
     slots = torch.arange(off + length - k, off + length)  # target positions of the adaptor rows

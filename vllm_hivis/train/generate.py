@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from .data import DataError, Manifest, image_spans, read_shard, tokenizer_fingerprint, write_shard
 from .prompts import PromptItem, jsonl_source, num_prompts, prompt_source, tinyworld_source
-from .target import HFTarget, check_target
+from .target import HFTarget, check_target, image_size, image_token_id
 
 # Disk estimate per record: prompt (image rows included) + answer rows, each stored twice at most
 # (hidden state, image embedding), fp16.
@@ -135,7 +135,9 @@ class HiddenWorker:
             ids = torch.tensor(a["input_ids"])
             spans = image_spans(a["input_ids"][: a["prompt_len"]], target.image_token_id)
             hidden, image_embeds = target.hidden_states(ids, items[a["item"]].image)
-            assert len(image_embeds) == int(np.sum(spans[:, 1])), "image rows != placeholder rows"
+            # image features: one per placeholder row, or none where the model does not return them
+            # (Qwen2.5-VL: only the ViSpec-style baseline needs them, and says so)
+            assert len(image_embeds) in (0, int(np.sum(spans[:, 1]))), "image rows != placeholder rows"
             records.append({"id": a["id"], "kind": a["kind"], "mode": a["mode"], "input_ids": ids,
                             "prompt_len": a["prompt_len"], "spans": spans, "hidden": hidden,
                             "image_embeds": image_embeds})
@@ -172,7 +174,7 @@ def generate_dataset(target_dir: str, out_dir: str, source: dict, responses: lis
         raise DataError("the prompt source is empty")
     man = Manifest(target=str(Path(target_dir).resolve()), tokenizer=tokenizer_fingerprint(target_dir),
                    hidden_size=cfg["text_config"]["hidden_size"], vocab_size=cfg["text_config"]["vocab_size"],
-                   image_token_id=int(cfg["image_token_index"]), source=source, responses=responses)
+                   image_token_id=image_token_id(cfg), source=source, responses=responses)
     if (out / "manifest.json").is_file():
         old = Manifest.load(out)
         if (old.tokenizer, old.source, old.responses) != (man.tokenizer, man.source, man.responses):
@@ -245,8 +247,8 @@ def main(argv=None) -> int:
                 raise DataError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
         if args.workers < 0:
             raise DataError(f"--workers must be >= 0 (0: in this process), got {args.workers}")
-        cfg = check_target(args.target)
-        source = (tinyworld_source(args.tinyworld, cfg["vision_config"]["image_size"], args.prompt_kind)
+        check_target(args.target)
+        source = (tinyworld_source(args.tinyworld, image_size(args.target), args.prompt_kind)
                   if args.tinyworld else jsonl_source(args.jsonl))
         man = generate_dataset(args.target, args.out, source, parse_responses(args.responses), args.shard_size,
                                args.workers, args.max_tokens, args.seed)

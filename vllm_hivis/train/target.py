@@ -5,15 +5,20 @@ testbed's grading.
 processor and gives the three things the pipeline needs from a target:
 
 - `encode(item)`: the prompt exactly as vLLM tokenises it (chat template, image placeholders
-  expanded) plus the processor's pixel values;
-- `forward(ids, cache, pixel_values)`: teacher-forced last-layer hidden states after the final
-  norm (the tensor vLLM hands the proposer; the parity test holds the two together), the greedy
-  next tokens and the projected image features;
+  expanded) plus the processor's image inputs (`MM_KEYS`: pixel values, and the per-image sizes
+  or grids of any-resolution targets);
+- `forward(ids, cache, mm)`: teacher-forced last-layer hidden states after the final norm (the
+  tensor vLLM hands the proposer; the parity tests hold the two together), the greedy next tokens
+  and the projected image features (where the model returns them);
 - `hidden_states(ids, image)`: the same over a whole recorded sequence (data generation).
+
+Targets: LLaVA-1.5, LLaVA-NeXT (``image_sizes``) and Qwen2.5-VL (``image_grid_thw``; its M-RoPE
+positions are transformers' own, computed from the prompt and the grids).
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 from pathlib import Path
@@ -36,9 +41,23 @@ def check_target(target_dir: str | os.PathLike) -> dict:
     return cfg
 
 
+# processor outputs the model's forward takes; mm_token_type_ids (1 at image placeholders) is how
+# transformers' Qwen2.5-VL finds the images to compute its M-RoPE positions
+MM_KEYS = ("pixel_values", "image_sizes", "image_grid_thw", "mm_token_type_ids")
+ANY_SIZE = 224  # tiny-world image side for towers that take any size (Qwen2.5-VL: no image_size)
+
+
 def image_size(target_dir: str | os.PathLike) -> int:
-    """The side (pixels) of the target's vision tower input."""
-    return int(check_target(target_dir)["vision_config"]["image_size"])
+    """The side (pixels) of the target's vision tower input (ANY_SIZE for any-size towers)."""
+    return int(check_target(target_dir)["vision_config"].get("image_size", ANY_SIZE))
+
+
+def image_token_id(cfg: dict) -> int:
+    """The image placeholder id of a target config (LLaVA: image_token_index; Qwen2.5-VL: image_token_id)."""
+    for key in ("image_token_index", "image_token_id"):
+        if key in cfg:
+            return int(cfg[key])
+    raise DataError("the target's config.json names no image placeholder token (image_token_index / image_token_id)")
 
 
 class HFTarget:
@@ -49,41 +68,49 @@ class HFTarget:
         self.hf = AutoModelForImageTextToText.from_pretrained(target_dir, dtype=dtype,
                                                               local_files_only=True).to(device).eval()
         self.processor = AutoProcessor.from_pretrained(target_dir, local_files_only=True)
-        self.image_token_id = int(self.hf.config.image_token_index)
+        self.image_token_id = image_token_id(self.config)
+        self._typed = "mm_token_type_ids" in inspect.signature(self.hf.model.forward).parameters
         self.eos = self.processor.tokenizer.eos_token_id
         self.device, self.dtype = torch.device(device), dtype
 
-    def pixel_values(self, image) -> torch.Tensor:
-        """[1, 3, S, S] processor pixels of one image, on the target's device and dtype."""
-        img = self.processor.image_processor(images=[image], return_tensors="pt")
-        return img["pixel_values"].to(self.device, self.dtype)
+    def _mm(self, enc) -> dict[str, torch.Tensor]:
+        """The image inputs of a processor output, on the target's device (pixels in its dtype)."""
+        return {k: enc[k].to(self.device, self.dtype) if enc[k].is_floating_point() else enc[k].to(self.device)
+                for k in MM_KEYS if k in enc}
 
-    def encode(self, item: PromptItem) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(prompt ids [L] with image placeholders expanded, pixel values or None)."""
+    def mm_inputs(self, image) -> dict[str, torch.Tensor]:
+        """The image processor's inputs for one image (pixel_values [1, 3, S, S] for LLaVA-1.5)."""
+        return self._mm(self.processor.image_processor(images=[image], return_tensors="pt"))
+
+    def encode(self, item: PromptItem) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
+        """(prompt ids [L] with image placeholders expanded, image inputs or None)."""
         text = item.chat_text(self.processor)
         if item.image is None:
             enc = self.processor.tokenizer(text, return_tensors="pt", add_special_tokens=False)
             return enc["input_ids"][0], None
         enc = self.processor(images=item.image, text=text, return_tensors="pt", add_special_tokens=False)
-        return enc["input_ids"][0], enc["pixel_values"].to(self.device, self.dtype)
+        return enc["input_ids"][0], self._mm(enc)
 
     @torch.no_grad()
     def forward(
         self,
         ids: torch.Tensor,  # [T] new tokens (the whole prompt on the first call)
         cache=None,  # transformers Cache holding the earlier tokens, or None
-        pixel_values: torch.Tensor | None = None,  # [n_img, 3, S, S] for a prompt with images
+        mm: dict[str, torch.Tensor] | None = None,  # encode()'s image inputs, with the prompt only
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(hidden [T, H] post-norm, greedy next tokens [T], image features [N_img_rows, H] or None)."""
         out = self.hf.model(input_ids=ids[None].to(self.device), past_key_values=cache, use_cache=cache is not None,
-                            pixel_values=pixel_values)
+                            **(mm or {}))
         h = out.last_hidden_state[0]
-        img = out.image_hidden_states
+        img = getattr(out, "image_hidden_states", None)
         return h, self.hf.lm_head(h).argmax(-1), None if img is None else img.reshape(-1, h.shape[-1])
 
     def hidden_states(self, ids: torch.Tensor, image=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Teacher-forced (hidden [L, H], image features [N, H]) of a recorded sequence, fp32 on the CPU."""
-        pixels = None if image is None else self.pixel_values(image)
-        h, _, img = self.forward(torch.as_tensor(ids), None, pixels)
+        ids = torch.as_tensor(ids)
+        mm = None if image is None else self.mm_inputs(image)
+        if mm is not None and self._typed:  # sequence-aligned placeholder marks (see MM_KEYS)
+            mm["mm_token_type_ids"] = (ids == self.image_token_id).long()[None].to(self.device)
+        h, _, img = self.forward(ids, None, mm)
         H = h.shape[-1]
         return h.float().cpu(), (img.float().cpu() if img is not None else torch.zeros(0, H))

@@ -68,21 +68,33 @@ def to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
+# the token embedding / LM head in the layouts VLM checkpoints use: LLaVA hub layout, transformers
+# 5's LLaVA layout, Qwen2.5-VL (whose language model is the top-level `model`)
+EMBED_KEYS = ("language_model.model.embed_tokens.weight", "model.language_model.embed_tokens.weight",
+              "model.embed_tokens.weight")
+HEAD_KEYS = ("language_model.lm_head.weight", "lm_head.weight")
+
+
 def frozen_target_parts(target_dir: str) -> tuple[torch.nn.Embedding, torch.nn.Linear, dict]:
     """The target's token embedding and LM head (shared by every drafter, never trained)."""
     cfg = json.loads((Path(target_dir) / "config.json").read_text())
     files = sorted(Path(target_dir).glob("*.safetensors"))
-    want = {"language_model.model.embed_tokens.weight": None, "language_model.lm_head.weight": None}
+    found = {}
     for f in files:
         with safe_open(str(f), "pt") as st:
-            for k in want:
-                if k in st.keys():
-                    want[k] = st.get_tensor(k).float()
-    if any(v is None for v in want.values()):
-        raise DataError(f"{target_dir}: could not find the LM embedding / head weights {list(want)}")
-    emb = torch.nn.Embedding.from_pretrained(want["language_model.model.embed_tokens.weight"], freeze=True)
+            for k in st.keys():
+                if k in EMBED_KEYS or k in HEAD_KEYS:
+                    found[k] = st.get_tensor(k).float()
+    embed = next((found[k] for k in EMBED_KEYS if k in found), None)
+    head_w = next((found[k] for k in HEAD_KEYS if k in found), None)
+    if head_w is None and cfg.get("tie_word_embeddings", cfg.get("text_config", {}).get("tie_word_embeddings")):
+        head_w = embed
+    if embed is None or head_w is None:
+        raise DataError(f"{target_dir}: could not find the LM embedding / head weights (one of {EMBED_KEYS} and "
+                        f"one of {HEAD_KEYS})")
+    emb = torch.nn.Embedding.from_pretrained(embed, freeze=True)
     head = torch.nn.Linear(emb.embedding_dim, emb.num_embeddings, bias=False)
-    head.weight = torch.nn.Parameter(want["language_model.lm_head.weight"], requires_grad=False)
+    head.weight = torch.nn.Parameter(head_w, requires_grad=False)
     return emb, head, cfg
 
 
