@@ -26,7 +26,9 @@ setup(
     ],
     extras_require={
         "train": ["ray[data,train]>=2.40", "matplotlib"],
-        "test": ["pytest>=8", "pytest-timeout", "scipy", "openai", "ray[data,train]>=2.40", "matplotlib"],
+        "bench": ["matplotlib", "scikit-image"],  # scikit-image: the out-of-world photo workload
+        "test": ["pytest>=8", "pytest-timeout", "scipy", "openai", "ray[data,train]>=2.40", "matplotlib",
+                 "scikit-image"],
     },
     entry_points={
         "vllm.general_plugins": ["hivis = vllm_hivis.plugin:register"],

@@ -3,6 +3,7 @@
     from hivis_testbed import assets
     assets.tiny_target()   # LLaVA target trained on the tiny world (safetensors + processor)
     assets.tiny_drafter()  # hivis drafter trained for it
+    assets.baseline(kind)  # baselines on the hivis drafter's data and budget: "text", "eagle", "vispec"
 
 Each directory carries provenance.json: the command, seed, commit and metrics that made it.
 """
@@ -31,6 +32,21 @@ def tiny_drafter() -> str:
     return _dir(NAMES["tiny_drafter"])
 
 
+BASELINES = ("text", "eagle", "vispec")
+
+
+def baseline(kind: str) -> str:
+    """A shipped baseline drafter: "text" (hivis format, no target features), "eagle" (vLLM's EAGLE
+    format, sees image rows), "vispec" (ViSpec-style, offline evaluation only)."""
+    if kind not in BASELINES:
+        raise ValueError(f"unknown baseline {kind!r}; expected one of {BASELINES}")
+    d = ROOT / "baselines" / kind
+    if not d.is_dir() or not any(d.glob("*.json")):
+        raise FileNotFoundError(f"baseline drafter {kind!r} is missing at {d}; it is committed with the repo "
+                                "(rebuild: bash scripts/build_assets.sh baselines)")
+    return str(d)
+
+
 def all_assets() -> dict[str, str | None]:
     out: dict[str, str | None] = {}
     for fn, name in NAMES.items():
@@ -38,6 +54,11 @@ def all_assets() -> dict[str, str | None]:
             out[fn] = _dir(name)
         except FileNotFoundError:
             out[fn] = None
+    for kind in BASELINES:
+        try:
+            out[f"baseline_{kind}"] = baseline(kind)
+        except FileNotFoundError:
+            out[f"baseline_{kind}"] = None
     return out
 
 

@@ -2,7 +2,7 @@
 # Rebuild the shipped tiny-world models from scratch, reproducibly (seeded; CPU).
 #   bash scripts/build_assets.sh target    # ~2.5 h on 2 CPU cores: train (2 stages) + grade the target LLaVA
 #   bash scripts/build_assets.sh drafter   # ~25 min: target-generated data, train + evaluate the drafter
-#   bash scripts/build_assets.sh baselines # ~1.5 h: text-only, image-seeing EAGLE and ViSpec-style drafters,
+#   bash scripts/build_assets.sh baselines [text|vispec|eagle ...] # ~1.5 h for all three: text-only, image-seeing EAGLE and ViSpec-style drafters,
 #                                          # on the hivis drafter's data and step budget (benchmarks compare them)
 # Each copies its result into hivis_testbed/assets/ with provenance.json (command, seed, commit,
 # metrics, timings). Work directories go to runs/ (git-ignored).
@@ -55,7 +55,8 @@ elif [[ $step == baselines ]]; then
   # time-aware (text-only, ViSpec-style); seq-embed for EAGLE (vLLM's EAGLE head has no step biases).
   [ -f runs/drafter-data/manifest.json ] || $PY -m vllm_hivis.cli generate-data --target $ASSETS/tiny-target \
       --out runs/drafter-data --tinyworld train:0:4000 --responses greedy,sample:1.0 --shard-size 500
-  for kind in text vispec eagle; do
+  kinds=("${@:2}"); [ ${#kinds[@]} -gt 0 ] || kinds=(text vispec eagle)  # e.g. `baselines eagle`: one only
+  for kind in "${kinds[@]}"; do
     t0=$(date +%s)
     recipe=time-aware; [[ $kind == eagle ]] && recipe=seq-embed
     $PY -m vllm_hivis.cli train --data runs/drafter-data --target $ASSETS/tiny-target --out runs/baseline-$kind \
