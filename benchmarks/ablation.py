@@ -48,11 +48,12 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     from vllm_hivis.train.evaluate import evaluate
-    from vllm_hivis.train.generate import check_target, prompt_source
+    from vllm_hivis.train.generate import prompt_source
     from vllm_hivis.train.losses import Recipe
+    from vllm_hivis.train.target import image_size
     from vllm_hivis.train.trainer import TrainConfig, train
 
-    size = int(check_target(args.target)["vision_config"]["image_size"])
+    size = image_size(args.target)
     split, start, count = args.eval.split(":")
     half = int(count) // 2
     items = prompt_source({"kind": "tinyworld", "split": split, "start": int(start), "count": half,

@@ -1,125 +1,252 @@
-"""No-spec vs hivis (vs vLLM's EAGLE with an image-seeing head) on the tiny target, one run.
+"""Every speculative method side by side on the tiny target, one run, the same prompts and images.
 
-    python benchmarks/offline.py --out benchmarks/results/offline [--eagle runs/ablation/.../drafter]
+    python benchmarks/offline.py --out benchmarks/results/offline          # ~10 min on 2 CPU cores
+    python benchmarks/offline.py --quick --out /tmp/offline                # CI: every code path, ~3 min
 
-For each method and batch size: one vLLM engine (default multiprocess mode, the CPU build), the
-same held-out tiny-world prompts (descriptions, greedy, up to 160 tokens), wall time of
-`generate` after a warm-up batch, output tokens/s, and vLLM's own spec-decode counters
-(acceptance in both conventions) plus hivis's drafter/target prefill counters. Ratios are only
-meaningful within one run on one machine: they are printed side by side.
-Writes <out>.json, <out>.md and <out>.png.
+Methods (one in-process vLLM engine each, `max_num_seqs` = the largest batch): no-spec, vLLM
+``ngram``, vLLM ``eagle`` with an image-seeing drafter, the text-only drafter, hivis; plus the
+ViSpec-style drafter through the offline replay evaluator (marked offline: it has no vLLM
+proposer). The shipped baselines got the hivis drafter's data and step budget (their
+provenance.json says what each got). Workloads (benchmarks/workloads.py): tiny-world
+descriptions, tiny-world QA, scikit-image photographs. Greedy and T=1. "Batch b" submits the
+prompts b at a time (b concurrent requests, as a client with b slots would).
+
+Per (workload, temperature, batch, method): output tokens/s (median and range of `--reps`
+repetitions on the same engine, after a warm-up)
+and its ratio to no-spec, TPOT (median over requests, from vLLM's request timestamps),
+acceptance in both conventions (tokens/step incl. the bonus token = vLLM's mean acceptance
+length; τ = accepted drafts per step, the HiViS/ViSpec convention), per-position acceptance,
+drafter and target prefill tokens, the share of wall time spent proposing drafts, and for greedy
+whether the tokens equal no-spec's.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
-import time
+import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-def run_method(name: str, spec: dict | None, prompts, batch: int, args) -> dict:
-    from vllm import LLM, SamplingParams
+from common import DESCRIBE, DraftTimer, med, meta, methods, pyplot, spread, write  # noqa: E402
+from workloads import NAMES, workload  # noqa: E402
 
-    from hivis_testbed import assets
+TOKENS = "vllm:generation_tokens"
+PROMPT_TOKENS = "vllm:prompt_tokens"
+
+
+def counter(llm, name: str) -> float:
+    return sum(m.value for m in llm.get_metrics() if m.name == name and hasattr(m, "value"))
+
+
+def run_once(llm, timer, prompts, sp, batch: int) -> dict:
+    """Submit `prompts` `batch` at a time; wall time, outputs, TPOTs and counter deltas."""
+    import time
+
     from vllm_hivis.serving.acceptance import from_llm_metrics
 
-    llm = LLM(model=assets.tiny_target(), dtype="float32", max_model_len=512, enforce_eager=True,
-              gpu_memory_utilization=0.25, speculative_config=spec, disable_log_stats=False, max_num_seqs=batch,
-              limit_mm_per_prompt={"image": 1}, seed=0)
-    sp = SamplingParams(temperature=0.0, max_tokens=160)
-    llm.generate(prompts[:batch], sp, use_tqdm=False)  # warm-up
-    before = from_llm_metrics(llm.get_metrics())
-    t0 = time.perf_counter()
-    outs = llm.generate(prompts, sp, use_tqdm=False)
+    before, prompt0, (d0, c0) = from_llm_metrics(llm.get_metrics()), counter(llm, PROMPT_TOKENS), timer.snapshot()
+    outs, t0 = [], time.perf_counter()
+    for i in range(0, len(prompts), batch):
+        outs += llm.generate(prompts[i:i + batch], sp, use_tqdm=False)
     wall = time.perf_counter() - t0
-    acc = from_llm_metrics(llm.get_metrics()).minus(before)
-    n_tok = sum(len(o.outputs[0].token_ids) for o in outs)
-    llm.llm_engine.engine_core.shutdown()
-    del llm
-    return {"method": name, "batch": batch, "requests": len(prompts), "output_tokens": n_tok,
-            "wall_s": round(wall, 3), "tokens_per_s": round(n_tok / wall, 1),
-            "outputs": [list(o.outputs[0].token_ids) for o in outs], **({"acceptance": acc.summary()} if spec else {})}
+    d1, c1 = timer.snapshot()
+    tpot = [(o.metrics.last_token_ts - o.metrics.first_token_ts) / (o.metrics.num_generation_tokens - 1)
+            for o in outs if o.metrics is not None and o.metrics.num_generation_tokens > 1]
+    return {"wall": wall, "outputs": [list(o.outputs[0].token_ids) for o in outs],
+            "tokens": sum(len(o.outputs[0].token_ids) for o in outs), "tpot_ms": 1e3 * med(tpot),
+            "acc": from_llm_metrics(llm.get_metrics()).minus(before), "prompt_tokens": counter(llm, PROMPT_TOKENS)
+            - prompt0, "draft_s": d1 - d0, "draft_calls": c1 - c0}
+
+
+def sampling(temp: float, max_tokens: int):
+    from vllm import SamplingParams
+
+    # T=1: one seed per request, so a repetition replays the same requests
+    return SamplingParams(temperature=temp, max_tokens=max_tokens, seed=None if temp == 0 else 1234)
+
+
+def sweep(args, **engine_kw) -> list[dict]:
+    """One engine per method; every (workload, temperature, batch, output length) cell `--reps` times."""
+    from hivis_testbed import assets
+    from hivis_testbed.engine import engine, model_runner
+    from vllm_hivis.train.target import image_size
+
+    size = image_size(assets.tiny_target())
+    loads = {w: workload(w, args.n, size) for w in args.workloads}
+    temps, batches, lengths = [float(t) for t in args.temps], [int(b) for b in args.batches], args.lengths
+    engine_kw = {"limit_mm_per_prompt": {"image": 1}, **engine_kw}
+    cells: dict[tuple, list[dict]] = {}
+    for name, spec in methods(args.k, args.methods):
+        with engine(speculative_config=spec, max_num_seqs=max(batches), **engine_kw) as llm:
+            timer = DraftTimer(model_runner(llm))
+            for w in args.workloads:  # warm-up: every workload once at the largest batch
+                llm.generate(loads[w][:max(batches)], sampling(0.0, lengths[0]), use_tqdm=False)
+            for rep in range(args.reps):
+                for w in args.workloads:
+                    for t in temps:
+                        for b in batches:
+                            for n_out in lengths:
+                                r = run_once(llm, timer, loads[w], sampling(t, n_out), b)
+                                cells.setdefault((w, t, b, n_out, name), []).append(r)
+                                print(f"rep {rep} {w:8s} T={t:g} batch {b} max_tokens {n_out} {name:8s} "
+                                      f"{r['tokens'] / r['wall']:7.1f} tok/s", flush=True)
+    return summarise(cells, args)
+
+
+def summarise(cells: dict, args) -> list[dict]:
+    rows = []
+    for (w, t, b, n_out, name), runs in cells.items():
+        acc = runs[0]["acc"]
+        for r in runs[1:]:
+            acc = acc.plus(r["acc"])
+        wall = sum(r["wall"] for r in runs)
+        row = {"workload": w, "temperature": t, "batch": b, "max_tokens": n_out, "method": name, "reps": len(runs),
+               "requests": args.n, "output_tokens": runs[0]["tokens"],
+               "tokens_per_s": [round(r["tokens"] / r["wall"], 2) for r in runs],
+               "tpot_ms": round(med([r["tpot_ms"] for r in runs]), 2),
+               "drafting_share": round(sum(r["draft_s"] for r in runs) / wall, 4),
+               "draft_ms_per_step": round(1e3 * sum(r["draft_s"] for r in runs)
+                                          / max(1, sum(r["draft_calls"] for r in runs)), 3),
+               "target_prefill_tokens": sum(r["prompt_tokens"] for r in runs) / len(runs),
+               "outputs": runs[0]["outputs"],
+               "outputs_stable": all(r["outputs"] == runs[0]["outputs"] for r in runs)}
+        if name != "no-spec":
+            s = acc.summary()
+            row["acceptance"] = {k: s[k] for k in ("tokens_per_step", "accepted_per_draft", "per_position",
+                                                   "draft_acceptance_rate")}
+            # hivis counts its drafter's prefill; vLLM's EAGLE prefills every target row; ngram has none
+            row["drafter_prefill_tokens"] = (acc.drafter_prefill_tokens / len(runs) if name in ("hivis", "text")
+                                             else row["target_prefill_tokens"] if name == "eagle" else 0)
+        rows.append(row)
+    cell = lambda r: (r["workload"], r["temperature"], r["batch"], r["max_tokens"])  # noqa: E731
+    base = {cell(r): r for r in rows if r["method"] == "no-spec"}
+    for r in rows:
+        b = base.get(cell(r))
+        r["speedup_vs_no_spec"] = round(med(r["tokens_per_s"]) / med(b["tokens_per_s"]), 3) if b else None
+        r["same_tokens_as_no_spec"] = (r["outputs"] == b["outputs"]) if b and r["temperature"] == 0 else None
+    return rows
+
+
+def offline_replay(args) -> list[dict]:
+    """The ViSpec-style drafter (and hivis, for calibration) through the offline evaluator:
+    acceptance only, greedy, in vLLM's counting convention."""
+    from workloads import cases
+
+    from hivis_testbed import assets
+    from vllm_hivis.train.evaluate import evaluate
+    from vllm_hivis.train.prompts import PromptItem
+    from vllm_hivis.train.target import image_size
+
+    size = image_size(assets.tiny_target())
+    rows = []
+    for w in args.workloads:
+        items = [PromptItem(f"{w}-{i}", q, imgs[0], w) for i, (q, imgs) in enumerate(cases(w, args.n, size))]
+        for name, path in (("vispec", assets.baseline("vispec")), ("hivis", assets.tiny_drafter())):
+            acc, _ = evaluate(assets.tiny_target(), path, items, args.k, args.max_tokens, progress=False)
+            s = acc.summary()
+            rows.append({"workload": w, "method": name, "offline": True, "tokens_per_step": s["tokens_per_step"],
+                         "accepted_per_draft": s["accepted_per_draft"], "per_position": s["per_position"]})
+            print(f"offline {w:8s} {name:8s} {s['tokens_per_step']:.2f} tokens/step", flush=True)
+    return rows
+
+
+def table(rows: list[dict], replay: list[dict], m: dict) -> list[str]:
+    lines = [f"Tiny target, {m['machine']}, vLLM {m['vllm']} (V1 runner, fp32, eager), k={m['k']}, {m['n']} prompts "
+             f"per workload, up to {m['max_tokens']} tokens, {m['reps']} repetitions (tokens/s: median [range]). "
+             "Ratios within this run only.", "",
+             "| workload | T | batch | max tokens | method | tokens/s | vs no-spec | TPOT ms | tokens/step | τ "
+             "| per position | drafter/target prefill | drafting share | draft ms/step | = no-spec |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        a = r.get("acceptance")
+        pp = " ".join(f"{x:.2f}" for x in a["per_position"]) if a else ""
+        pre = (f"{r['drafter_prefill_tokens']:.0f}/{r['target_prefill_tokens']:.0f}" if a else
+               f"-/{r['target_prefill_tokens']:.0f}")
+        eq = {True: "yes", False: "**NO**", None: "n/a"}[r["same_tokens_as_no_spec"]]
+        lines.append(f"| {r['workload']} | {r['temperature']:g} | {r['batch']} | {r['max_tokens']} | {r['method']} | "
+                     f"{spread(r['tokens_per_s'])} | {r['speedup_vs_no_spec']:.2f}x | {r['tpot_ms']:.1f} | "
+                     f"{a['tokens_per_step'] if a else 1.0:.2f} | {a['accepted_per_draft'] if a else 0:.2f} | {pp} | "
+                     f"{pre} | {100 * r['drafting_share']:.1f}% | {r['draft_ms_per_step']:.2f} | {eq} |")
+    if replay:
+        lines += ["", "Offline replay (the evaluator: HF target, greedy, vLLM's counting convention; no speed):", "",
+                  "| workload | drafter | tokens/step | τ | per position |", "|---|---|---|---|---|"]
+        for r in replay:
+            lines.append(f"| {r['workload']} | {r['method']} (offline) | {r['tokens_per_step']:.2f} | "
+                         f"{r['accepted_per_draft']:.2f} | {' '.join(f'{x:.2f}' for x in r['per_position'])} |")
+    lines += ["", "Methods: " + "; ".join(f"{k}: {v}" for k, v in DESCRIBE.items()) + "."]
+    return lines
+
+
+def plot(rows: list[dict], out: str) -> None:
+    plt = pyplot()
+    greedy = [r for r in rows if r["temperature"] == 0 and r["max_tokens"] == rows[0]["max_tokens"]]
+    works = list(dict.fromkeys(r["workload"] for r in greedy))
+    meths = list(dict.fromkeys(r["method"] for r in greedy))
+    fig, axes = plt.subplots(1, len(works), figsize=(4 * len(works), 3.4), squeeze=False)
+    for ax, w in zip(axes[0], works):
+        for m in meths:
+            pts = sorted((r["batch"], r["speedup_vs_no_spec"]) for r in greedy
+                         if r["workload"] == w and r["method"] == m)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=m)
+        ax.set_title(f"{w} (greedy)")
+        ax.set_xlabel("batch")
+        ax.axhline(1.0, color="grey", lw=0.5)
+    axes[0][0].set_ylabel("speedup vs no-spec (tokens/s)")
+    axes[0][-1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out + ".png", dpi=110)
+    plt.close(fig)
+    fig, axes = plt.subplots(1, len(works), figsize=(4 * len(works), 3.4), squeeze=False)
+    b = min(r["batch"] for r in greedy)
+    for ax, w in zip(axes[0], works):
+        for r in greedy:
+            if r["workload"] == w and r["batch"] == b and r.get("acceptance"):
+                pp = r["acceptance"]["per_position"]
+                ax.plot(range(1, len(pp) + 1), pp, marker="o", label=r["method"])
+        ax.set_title(f"{w}: acceptance per position")
+        ax.set_xlabel("draft position")
+        ax.set_ylim(0, 1)
+    axes[0][-1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out + "-per-position.png", dpi=110)
+    plt.close(fig)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="benchmarks/results/offline")
-    ap.add_argument("--n", type=int, default=32, help="held-out prompts")
-    ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--methods", default="no-spec,ngram,eagle,text,hivis")
+    ap.add_argument("--workloads", default=",".join(NAMES))
+    ap.add_argument("--temps", default="0,1", help="sampling temperatures (0 = greedy)")
+    ap.add_argument("--batches", default="1,4,8")
+    ap.add_argument("--n", type=int, default=8, help="prompts per workload")
+    ap.add_argument("--max-tokens", type=int, default=96)
+    ap.add_argument("--lengths", help="comma list of output lengths (max_tokens) to sweep; default --max-tokens")
+    ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("-k", type=int, default=5)
-    ap.add_argument("--eagle", help="an EAGLE-format drafter (image-seeing baseline) to serve with method eagle")
+    ap.add_argument("--no-replay", action="store_true", help="skip the offline ViSpec-style replay")
+    ap.add_argument("--quick", action="store_true", help="CI: tiny sizes, every method and code path")
     args = ap.parse_args(argv)
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-
-    from hivis_testbed import assets
-    from hivis_testbed.tinyworld.build import prompt_text
-    from hivis_testbed.tinyworld.dataset import sample
-
-    size = json.loads((Path(assets.tiny_target()) / "config.json").read_text())["vision_config"]["image_size"]
-    prompts = [{"prompt": "<s>" + prompt_text(s.qa.question), "multi_modal_data": {"image": s.image}}
-               for s in (sample("test", 2000 + i, size, kind="describe") for i in range(args.n))]
-    methods = [("no-spec", None),
-               ("hivis", {"method": "hivis", "model": assets.tiny_drafter(), "num_speculative_tokens": args.k})]
-    if args.eagle:
-        methods.append(("eagle (sees image tokens)", {"method": "eagle", "model": args.eagle,
-                                                      "num_speculative_tokens": args.k}))
-    rows = []
-    for batch in (int(b) for b in args.batches.split(",")):
-        for name, spec in methods:
-            r = run_method(name, spec, prompts, batch, args)
-            rows.append(r)
-            print(f"batch {batch:2d} {name:28s} {r['tokens_per_s']:8.1f} tok/s "
-                  + (f"acceptance {r['acceptance']['tokens_per_step']:.2f} tok/step" if spec else ""), flush=True)
-    base = {r["batch"]: r for r in rows if r["method"] == "no-spec"}
-    for r in rows:
-        r["speedup_vs_no_spec"] = round(r["tokens_per_s"] / base[r["batch"]]["tokens_per_s"], 3)
-        r["same_output_as_no_spec"] = r["outputs"] == base[r["batch"]]["outputs"]
-    meta = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs", "k": args.k,
-            "prompts": f"test split scenes 2000..{2000 + args.n - 1}, describe, greedy, max 160 tokens",
-            "command": "python benchmarks/offline.py " + " ".join(argv or __import__("sys").argv[1:])}
-    Path(args.out + ".json").parent.mkdir(parents=True, exist_ok=True)
-    table = [{k: v for k, v in r.items() if k != "outputs"} for r in rows]
-    Path(args.out + ".json").write_text(json.dumps({"meta": meta, "rows": table}, indent=2) + "\n")
-    lines = [f"Tiny target on {meta['machine']} (vLLM 0.32.0 CPU build, V1 runner, fp32, eager), {meta['prompts']}, "
-             f"k={args.k}. One run; ratios within the run.", "",
-             "| batch | method | tokens/s | speedup vs no-spec | same tokens as no-spec | tokens/step (incl. bonus) "
-             "| accepted/step (τ) | drafter/target prefill |", "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        a = r.get("acceptance")
-        pr = "" if not a or a["prefill_ratio"] is None else (
-            f"{a['drafter_prefill_tokens']:.0f}/{a['target_prefill_tokens']:.0f} ({100 * a['prefill_ratio']:.1f}%)")
-        lines.append(f"| {r['batch']} | {r['method']} | {r['tokens_per_s']} | {r['speedup_vs_no_spec']:.2f}x | "
-                     f"{r['same_output_as_no_spec']} | {a['tokens_per_step'] if a else 1.0} | "
-                     f"{a['accepted_per_draft'] if a else 0} | {pr} |")
-    lines += ["", f"Command: `{meta['command']}`"]
-    Path(args.out + ".md").write_text("\n".join(lines) + "\n")
-    plot(rows, Path(args.out + ".png"))
+    if args.quick:
+        args.n, args.max_tokens, args.reps, args.batches = 2, 24, 1, "1,2"
+    args.methods, args.workloads = args.methods.split(","), args.workloads.split(",")
+    args.temps, args.batches = args.temps.split(","), args.batches.split(",")
+    args.lengths = [int(x) for x in args.lengths.split(",")] if args.lengths else [args.max_tokens]
+    if "no-spec" not in args.methods:
+        raise SystemExit("error: --methods must include no-spec (every ratio is to it)")
+    rows = sweep(args)
+    replay = [] if args.no_replay else offline_replay(args)
+    m = meta(argv, "offline.py", k=args.k, n=args.n, max_tokens=args.max_tokens, reps=args.reps)
+    lines = table(rows, replay, m)
+    write(args.out, m, [{k: v for k, v in r.items() if k != "outputs"} for r in rows] + replay, lines)
+    plot(rows, args.out)
     print("\n".join(lines))
+    bad = [r for r in rows if r["same_tokens_as_no_spec"] is False]
+    if bad:
+        print("LOSSLESSNESS VIOLATED: " + ", ".join(f"{r['method']} {r['workload']} batch {r['batch']}" for r in bad))
+        return 1
     return 0
-
-
-def plot(rows, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    batches = sorted({r["batch"] for r in rows})
-    methods = list(dict.fromkeys(r["method"] for r in rows))
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    w = 0.8 / len(methods)
-    for j, m in enumerate(methods):
-        vals = [next(r["tokens_per_s"] for r in rows if r["batch"] == b and r["method"] == m) for b in batches]
-        ax.bar([i + j * w for i in range(len(batches))], vals, w, label=m)
-    ax.set_xticks([i + w * (len(methods) - 1) / 2 for i in range(len(batches))], [f"batch {b}" for b in batches])
-    ax.set_ylabel("output tokens/s")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 if __name__ == "__main__":

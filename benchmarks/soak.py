@@ -138,6 +138,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--concurrency", type=int, default=64)
     ap.add_argument("--blocks", type=int, default=40, help="KV cache blocks of 32 tokens (small: preemption)")
     ap.add_argument("--k", type=int, default=4)
+    ap.add_argument("--method", choices=("hivis", "no-spec"), default="hivis",
+                    help="no-spec: the same load against stock vLLM (a baseline for the memory trend)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="CI's short form (same checks, fewer seconds)")
     ap.add_argument("--out", default="benchmarks/results/soak")
@@ -147,15 +149,17 @@ def main(argv=None) -> dict:
     from hivis_testbed import assets
     from hivis_testbed.server import VLLMServer
     from vllm_hivis.serving.acceptance import from_prometheus_text
+    from vllm_hivis.train.target import image_size
 
     target = assets.tiny_target()
-    size = json.loads((Path(target) / "config.json").read_text())["vision_config"]["image_size"]
+    size = image_size(target)
     prompts = workload(size)
     t0 = time.time()
     refs = reference_answers(target, prompts)
     spec = {"method": "hivis", "model": assets.tiny_drafter(), "num_speculative_tokens": args.k}
-    server_args = ["--speculative-config", json.dumps(spec), "--block-size", "32", "--num-gpu-blocks-override",
-                   str(args.blocks), "--max-num-seqs", "16"]
+    server_args = ["--block-size", "32", "--num-gpu-blocks-override", str(args.blocks), "--max-num-seqs", "16"]
+    if args.method == "hivis":
+        server_args += ["--speculative-config", json.dumps(spec)]
     with VLLMServer(target, server_args) as srv:
         with urllib.request.urlopen(srv.url + "/v1/models", timeout=10) as r:
             model = json.loads(r.read())["data"][0]["id"]
@@ -171,6 +175,7 @@ def main(argv=None) -> dict:
     result = {
         "meta": {"machine": f"{platform.machine()} {os.cpu_count()} cpus", "seconds": args.seconds,
                  "concurrency": args.concurrency, "kv_blocks": args.blocks, "block_size": 32, "k": args.k,
+                 "method": args.method,
                  "command": "python benchmarks/soak.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                  "wall_s": round(time.time() - t0, 1)},
         "requests": stats["requests"], "greedy_checked": stats["greedy"], "by_kind": stats["by_kind"],
@@ -186,7 +191,8 @@ def main(argv=None) -> dict:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
         out.with_suffix(".md").write_text(
-            f"Soak ({result['meta']['command']}; {result['meta']['machine']}): {result['requests']} requests "
+            f"Soak, {args.method} ({result['meta']['command']}; {result['meta']['machine']}): "
+            f"{result['requests']} requests "
             f"({result['by_kind']}) in {args.seconds:.0f} s from {args.concurrency} concurrent clients, "
             f"{result['greedy_checked']} greedy ones compared with no-spec; errors {result['num_errors']}, "
             f"divergences {result['num_divergences']}, preemptions {preemptions}, server memory "
