@@ -114,3 +114,36 @@ def test_the_serving_backends_torch_path_equals_the_kernels_reference():
     assert slots[5].item() == -1
     req, pos = rows(md, q.shape[0])
     assert key_slots(md, 16)[req, pos].tolist() == slots.tolist()
+
+
+def test_the_draft_pass_fast_path_equals_the_general_path():
+    """attend_decode_torch (a draft pass: one new row per request) writes the same cache and
+    returns the same rows as write_kv_ref + attend_torch, limits included."""
+    from types import SimpleNamespace
+
+    from vllm_hivis.serving.draft_attention import (
+        StepTable,
+        attend_decode_torch,
+        attend_torch,
+        key_slots,
+        kv_views,
+        rows,
+        slot_table,
+    )
+
+    gen = torch.Generator().manual_seed(3)
+    _, _, _, ranges, args, kv = case(gen, torch.float32)
+    for limit in ([10**6, 10**6], [60, 27]):  # request 1's new row (target position 28) past its limit
+        md = SimpleNamespace(query_start_loc=torch.tensor([0, 1, 2], dtype=torch.int32), seq_lens=args["seq_lens"],
+                             block_table=args["block_table"], ranges=ranges, used_ranges=2, max_seq_len=37,
+                             max_query_len=1, limit=torch.tensor(limit, dtype=torch.int32))
+        q, k, v = (torch.randn(2, n, 32, generator=gen) for n in (4, 2, 2))
+        kv_a, kv_b = kv.clone(), kv.clone()
+        table = StepTable.build(("k",), slot_table(md, 37 + 5, 16), 16)
+        got = attend_decode_torch(md, q, k, v, kv_a, args["scale"], table)
+        keys = key_slots(md, 16, table.slots)
+        req, pos = rows(md, 2)
+        write_kv_ref(k, v, *kv_views(kv_b, 32), keys[req, pos])
+        want = attend_torch(md, q, kv_b, args["scale"], 2, keys)
+        torch.testing.assert_close(kv_a, kv_b, equal_nan=True)
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)

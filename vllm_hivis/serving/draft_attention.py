@@ -260,6 +260,52 @@ def attend_torch(md, q, kv_cache, scale: float, T: int, slots: torch.Tensor) -> 
     return out
 
 
+@dataclasses.dataclass
+class StepTable:
+    """A step's `slot_table` split for the CPU path's gathers: fixed for every pass of the step."""
+
+    key: tuple  # (DropRanges.version, batch size, block table address and shape)
+    slots: torch.Tensor  # [B, W] int64 target slot of drafter key positions 0..W-1; -1: not writable
+    block: torch.Tensor  # [B, W] int64 cache block of each (0 where slots is -1)
+    offset: torch.Tensor  # [B, W] int64 offset in the block
+    valid: torch.Tensor  # [B, W] bool: slots >= 0
+    arange: torch.Tensor  # [W] int64 0..W-1
+
+    @classmethod
+    def build(cls, key: tuple, slots: torch.Tensor, block_size: int) -> StepTable:
+        s = slots.clamp(min=0)
+        return cls(key, slots, s // block_size, s % block_size, slots >= 0,
+                   torch.arange(slots.shape[1], device=slots.device))
+
+
+def attend_decode_torch(md, q, k_new, v_new, kv_cache, scale: float, table: StepTable) -> torch.Tensor:
+    """A draft pass on the CPU (one new row per request, B == T): write each row's K/V at its
+    target slot, then attend over the request's drafter keys 0..L-1 - `attend_torch`'s result
+    with a handful of ops (no padding, no per-row position arithmetic: a row at drafter position
+    seq_len - 1 sees exactly the keys its request holds).
+    q: [B, Hq, D]; k_new, v_new: [B, H, D]; kv_cache: [num_blocks, H, block_size, 2 * D] -> [B, Hq, D]."""
+    B, D = q.shape[0], q.shape[2]
+    L = max(1, md.max_seq_len)
+    assert table.slots.shape[0] == B and table.slots.shape[1] >= L, (tuple(table.slots.shape), B, L)
+    seq = md.seq_lens.long()
+    slot = table.slots[table.arange[:B], seq - 1]  # [B] target slot of each request's new row
+    new_kv = torch.cat([k_new, v_new], dim=-1).to(kv_cache.dtype)  # [B, H, 2D]
+    bs = kv_cache.shape[2]
+    if not bool((slot >= 0).all()):  # rows past their limit are not written (the host sync is the CPU's)
+        new_kv, slot = new_kv[slot >= 0], slot[slot >= 0]
+    kv_cache[slot // bs, :, slot % bs] = new_kv
+    held = table.valid[:, :L] & (table.arange[:L] < seq[:, None])  # [B, L]
+    kv = torch.where(held[..., None, None], kv_cache[table.block[:, :L], :, table.offset[:, :L]], 0.0)
+    mask = held
+    if not bool(held[:, 0].all()):
+        mask = held.clone()
+        mask[:, 0] |= ~held.any(-1)  # a row past its limit sees key 0 (its drafts are discarded)
+    o = torch.nn.functional.scaled_dot_product_attention(
+        q[:, :, None], kv[..., :D].to(q.dtype).transpose(1, 2), kv[..., D:].to(q.dtype).transpose(1, 2),
+        attn_mask=mask[:, None, None], scale=scale, enable_gqa=kv.shape[2] != q.shape[1])  # [B, Hq, 1, D]
+    return o[:, :, 0]
+
+
 class HiViSDraftAttentionImpl(AttentionImpl[HiViSDraftAttentionMetadata]):
     def __init__(self, num_heads, head_size, scale, num_kv_heads=None, alibi_slopes=None, sliding_window=None,
                  kv_cache_dtype="auto", logits_soft_cap=None, attn_type=AttentionType.DECODER,
@@ -271,16 +317,17 @@ class HiViSDraftAttentionImpl(AttentionImpl[HiViSDraftAttentionMetadata]):
         self.num_heads, self.head_size, self.scale = num_heads, head_size, float(scale)
         self.num_kv_heads = num_kv_heads or num_heads
         self.kv_cache_dtype = kv_cache_dtype
-        self._table: tuple | None = None  # CPU path: (step key, slot_table) reused by the step's passes
+        self._table: StepTable | None = None  # CPU path: reused by the step's passes
 
-    def _step_table(self, md: HiViSDraftAttentionMetadata, block_size: int) -> torch.Tensor:
+    def _step_table(self, md: HiViSDraftAttentionMetadata, block_size: int) -> StepTable:
         """This step's slot table, computed at its first pass (wide enough for the draft passes'
         growth) and reused by the later ones; recomputed on a new step, batch or block table."""
         L = max(1, md.max_seq_len)
         key = (md.version, md.seq_lens.shape[0], md.block_table.data_ptr(), md.block_table.shape)
-        if md.version < 0 or self._table is None or self._table[0] != key or self._table[1].shape[1] < L:
-            self._table = (key, slot_table(md, L + STEP_SLACK, block_size))
-        return self._table[1]
+        t = self._table
+        if md.version < 0 or t is None or t.key != key or t.slots.shape[1] < L:
+            t = self._table = StepTable.build(key, slot_table(md, L + STEP_SLACK, block_size), block_size)
+        return t
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
                 output_block_scale=None, **_):
@@ -304,8 +351,11 @@ class HiViSDraftAttentionImpl(AttentionImpl[HiViSDraftAttentionMetadata]):
             tree_attention(query[:T].contiguous(), k_cache, v_cache, md.block_table, md.seq_lens,
                            md.query_start_loc, None, None, self.scale, use_tree_mask=False,
                            max_q_len=md.max_query_len, out=out[:T], drop_ranges=md.ranges)
+        elif md.max_query_len == 1 and T == md.seq_lens.shape[0]:  # a draft pass: one row per request
+            out[:T] = attend_decode_torch(md, query[:T], key[:T], value[:T], kv_cache, self.scale,
+                                          self._step_table(md, k_cache.shape[1])).to(out.dtype)
         else:
-            keys = key_slots(md, k_cache.shape[1], self._step_table(md, k_cache.shape[1]))  # [B, L]
+            keys = key_slots(md, k_cache.shape[1], self._step_table(md, k_cache.shape[1]).slots)  # [B, L]
             # (the new rows' write slots are among the keys)
             req, pos = rows(md, T)
             write_kv_ref(key[:T], value[:T], k_cache, v_cache, keys[req, pos])
