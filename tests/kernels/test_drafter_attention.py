@@ -133,9 +133,11 @@ def test_the_draft_pass_fast_path_equals_the_general_path():
 
     gen = torch.Generator().manual_seed(3)
     _, _, _, ranges, args, kv = case(gen, torch.float32)
-    for limit in ([10**6, 10**6], [60, 27]):  # request 1's new row (target position 28) past its limit
-        md = SimpleNamespace(query_start_loc=torch.tensor([0, 1, 2], dtype=torch.int32), seq_lens=args["seq_lens"],
-                             block_table=args["block_table"], ranges=ranges, used_ranges=2, max_seq_len=37,
+    # request 1's new row (target position 28) past its limit; equal lengths: the unmasked path
+    for limit, lens in (([10**6] * 2, [37, 21]), ([60, 27], [37, 21]), ([10**6] * 2, [21, 21])):
+        md = SimpleNamespace(query_start_loc=torch.tensor([0, 1, 2], dtype=torch.int32),
+                             seq_lens=torch.tensor(lens, dtype=torch.int32),
+                             block_table=args["block_table"], ranges=ranges, used_ranges=2, max_seq_len=max(lens),
                              max_query_len=1, limit=torch.tensor(limit, dtype=torch.int32))
         q, k, v = (torch.randn(2, n, 32, generator=gen) for n in (4, 2, 2))
         kv_a, kv_b = kv.clone(), kv.clone()

@@ -295,14 +295,20 @@ def attend_decode_torch(md, q, k_new, v_new, kv_cache, scale: float, table: Step
         new_kv, slot = new_kv[slot >= 0], slot[slot >= 0]
     kv_cache[slot // bs, :, slot % bs] = new_kv
     held = table.valid[:, :L] & (table.arange[:L] < seq[:, None])  # [B, L]
-    kv = torch.where(held[..., None, None], kv_cache[table.block[:, :L], :, table.offset[:, :L]], 0.0)
-    mask = held
-    if not bool(held[:, 0].all()):
+    kv = kv_cache[table.block[:, :L], :, table.offset[:, :L]]  # [B, L, H, 2D]
+    mask = None  # every request holds all L keys (batch 1, or equal lengths): no mask, nothing to zero
+    if not bool(held.all()):
+        # padding keys may hold anything, NaN included: zero them (a masked score leaves 0 * NaN)
+        kv = torch.where(held[..., None, None], kv, 0.0)
         mask = held.clone()
         mask[:, 0] |= ~held.any(-1)  # a row past its limit sees key 0 (its drafts are discarded)
+        mask = mask[:, None, None]
+    k, v = kv[..., :D], kv[..., D:]
+    if k.dtype != q.dtype:
+        k, v = k.to(q.dtype), v.to(q.dtype)
     o = torch.nn.functional.scaled_dot_product_attention(
-        q[:, :, None], kv[..., :D].to(q.dtype).transpose(1, 2), kv[..., D:].to(q.dtype).transpose(1, 2),
-        attn_mask=mask[:, None, None], scale=scale, enable_gqa=kv.shape[2] != q.shape[1])  # [B, Hq, 1, D]
+        q[:, :, None], k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=scale,
+        enable_gqa=kv.shape[2] != q.shape[1])  # [B, Hq, 1, D]
     return o[:, :, 0]
 
 
