@@ -67,7 +67,22 @@ def sampling(temp: float, max_tokens: int):
 
 
 def sweep(args, **engine_kw) -> list[dict]:
-    """One engine per method; every (workload, temperature, batch, output length) cell `--reps` times."""
+    """One engine per method, each in a fresh process (as users run one method per server: an
+    earlier engine in the same process can change a later one's speed - after vLLM's ngram
+    proposer has imported numba, hivis drafted 1.6x slower on the CPU build); every (workload,
+    temperature, batch, output length) cell `--reps` times."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    cells: dict[tuple, list[dict]] = {}
+    for name, spec in methods(args.k, args.methods):
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            cells.update(pool.submit(sweep_method, args, name, spec, engine_kw).result())
+    return summarise(cells, args)
+
+
+def sweep_method(args, name: str, spec: dict | None, engine_kw: dict) -> dict[tuple, list[dict]]:
+    """One method's cells, in this (fresh) process."""
     from hivis_testbed import assets
     from hivis_testbed.engine import engine, model_runner
     from vllm_hivis.train.target import image_size
@@ -77,21 +92,20 @@ def sweep(args, **engine_kw) -> list[dict]:
     temps, batches, lengths = [float(t) for t in args.temps], [int(b) for b in args.batches], args.lengths
     engine_kw = {"limit_mm_per_prompt": {"image": 1}, **engine_kw}
     cells: dict[tuple, list[dict]] = {}
-    for name, spec in methods(args.k, args.methods):
-        with engine(speculative_config=spec, max_num_seqs=max(batches), **engine_kw) as llm:
-            timer = DraftTimer(model_runner(llm))
-            for w in args.workloads:  # warm-up: every workload once at the largest batch
-                llm.generate(loads[w][:max(batches)], sampling(0.0, lengths[0]), use_tqdm=False)
-            for rep in range(args.reps):
-                for w in args.workloads:
-                    for t in temps:
-                        for b in batches:
-                            for n_out in lengths:
-                                r = run_once(llm, timer, loads[w], sampling(t, n_out), b)
-                                cells.setdefault((w, t, b, n_out, name), []).append(r)
-                                print(f"rep {rep} {w:8s} T={t:g} batch {b} max_tokens {n_out} {name:8s} "
-                                      f"{r['tokens'] / r['wall']:7.1f} tok/s", flush=True)
-    return summarise(cells, args)
+    with engine(speculative_config=spec, max_num_seqs=max(batches), **engine_kw) as llm:
+        timer = DraftTimer(model_runner(llm))
+        for w in args.workloads:  # warm-up: every workload once at the largest batch
+            llm.generate(loads[w][:max(batches)], sampling(0.0, lengths[0]), use_tqdm=False)
+        for rep in range(args.reps):
+            for w in args.workloads:
+                for t in temps:
+                    for b in batches:
+                        for n_out in lengths:
+                            r = run_once(llm, timer, loads[w], sampling(t, n_out), b)
+                            cells.setdefault((w, t, b, n_out, name), []).append(r)
+                            print(f"rep {rep} {w:8s} T={t:g} batch {b} max_tokens {n_out} {name:8s} "
+                                  f"{r['tokens'] / r['wall']:7.1f} tok/s", flush=True)
+    return cells
 
 
 def summarise(cells: dict, args) -> list[dict]:
