@@ -142,6 +142,9 @@ def test_the_draft_pass_fast_path_equals_the_general_path():
         q, k, v = (torch.randn(2, n, 32, generator=gen) for n in (4, 2, 2))
         kv_a, kv_b = kv.clone(), kv.clone()
         table = StepTable.build(("k",), slot_table(md, 37 + 5, 16), 16)
+        host = StepTable.build_host(("k",), md, 37 + 5, 16)  # what the CPU path builds, in numpy
+        for field in ("slots", "block", "offset", "valid", "arange"):
+            assert torch.equal(getattr(host, field), getattr(table, field)), field
         got = attend_decode_torch(md, q, k, v, kv_a, args["scale"], table)
         keys = key_slots(md, 16, table.slots)
         req, pos = rows(md, 2)

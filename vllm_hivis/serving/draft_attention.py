@@ -277,6 +277,24 @@ class StepTable:
         return cls(key, slots, s // block_size, s % block_size, slots >= 0,
                    torch.arange(slots.shape[1], device=slots.device))
 
+    @classmethod
+    def build_host(cls, key: tuple, md: HiViSDraftAttentionMetadata, L: int, block_size: int) -> StepTable:
+        """`build(key, slot_table(md, L, block_size))` for CPU tensors, in numpy on zero-copy views
+        (a few small numpy ops instead of ~15 torch dispatches: the table is rebuilt every step)."""
+        B = md.seq_lens.shape[0]
+        ranges = md.ranges[:, : md.used_ranges].numpy().astype(np.int64)  # [B, S, 2]
+        table = md.block_table.numpy()
+        p = np.broadcast_to(np.arange(L, dtype=np.int64), (B, L))
+        for s in range(ranges.shape[1]):  # c -> p (method/plan.py target_positions)
+            lo, hi = ranges[:, s, :1], ranges[:, s, 1:]
+            p = np.where(p >= lo, p + (hi - lo), p)
+        blk = np.take_along_axis(table, np.minimum(p // block_size, table.shape[1] - 1), axis=1).astype(np.int64)
+        valid = p <= md.limit.numpy()[:, None]
+        slots = np.where(valid, blk * block_size + p % block_size, -1)
+        t = torch.from_numpy
+        return cls(key, t(slots), t(np.where(valid, blk, 0)), t(np.where(valid, p % block_size, 0)), t(valid),
+                   torch.arange(L))
+
 
 def attend_decode_torch(md, q, k_new, v_new, kv_cache, scale: float, table: StepTable) -> torch.Tensor:
     """A draft pass on the CPU (one new row per request, B == T): write each row's K/V at its
@@ -332,7 +350,7 @@ class HiViSDraftAttentionImpl(AttentionImpl[HiViSDraftAttentionMetadata]):
         key = (md.version, md.seq_lens.shape[0], md.block_table.data_ptr(), md.block_table.shape)
         t = self._table
         if md.version < 0 or t is None or t.key != key or t.slots.shape[1] < L:
-            t = self._table = StepTable.build(key, slot_table(md, L + STEP_SLACK, block_size), block_size)
+            t = self._table = StepTable.build_host(key, md, L + STEP_SLACK, block_size)
         return t
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
