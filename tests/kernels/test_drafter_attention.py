@@ -95,14 +95,15 @@ def test_the_serving_backends_torch_path_equals_the_kernels_reference():
     its slot table gives each new row the slot the GPU path's write_slots gives it."""
     from types import SimpleNamespace
 
-    from vllm_hivis.serving.draft_attention import NO_LIMIT, attend_torch, key_slots, rows, write_slots
+    from vllm_hivis.serving.draft_attention import NO_LIMIT, StepTable, attend_torch, key_slots, rows, write_slots
 
     gen = torch.Generator().manual_seed(2)
     q, sparse, _, ranges, args, kv = case(gen, torch.float32)
     md = SimpleNamespace(query_start_loc=args["query_start_loc"], seq_lens=args["seq_lens"],
                          block_table=args["block_table"], ranges=ranges, used_ranges=2, max_seq_len=37,
                          max_query_len=5, limit=torch.tensor([NO_LIMIT, NO_LIMIT], dtype=torch.int32))
-    got = attend_torch(md, q, kv, args["scale"], q.shape[0], key_slots(md, 16))
+    keys = lambda: key_slots(md, StepTable.build(("k",), md, 37, 16).slots)  # noqa: E731
+    got = attend_torch(md, q, kv, args["scale"], q.shape[0], keys())
     want = tree_attention_ref(q, *sparse, **args, drop_ranges=ranges)
     torch.testing.assert_close(got, want.float(), atol=2e-5, rtol=2e-5)
     # new rows write at their target slots; request 1's row (target position 28) is past its limit
@@ -113,7 +114,7 @@ def test_the_serving_backends_torch_path_equals_the_kernels_reference():
     assert slots[:5].tolist() == (args["block_table"][0, p // 16].long() * 16 + p % 16).tolist()
     assert slots[5].item() == -1
     req, pos = rows(md, q.shape[0])
-    assert key_slots(md, 16)[req, pos].tolist() == slots.tolist()
+    assert keys()[req, pos].tolist() == slots.tolist()
 
 
 def test_the_draft_pass_fast_path_equals_the_general_path():
@@ -128,7 +129,6 @@ def test_the_draft_pass_fast_path_equals_the_general_path():
         key_slots,
         kv_views,
         rows,
-        slot_table,
     )
 
     gen = torch.Generator().manual_seed(3)
@@ -141,12 +141,19 @@ def test_the_draft_pass_fast_path_equals_the_general_path():
                              max_query_len=1, limit=torch.tensor(limit, dtype=torch.int32))
         q, k, v = (torch.randn(2, n, 32, generator=gen) for n in (4, 2, 2))
         kv_a, kv_b = kv.clone(), kv.clone()
-        table = StepTable.build(("k",), slot_table(md, 37 + 5, 16), 16)
-        host = StepTable.build_host(("k",), md, 37 + 5, 16)  # what the CPU path builds, in numpy
-        for field in ("slots", "block", "offset", "valid", "arange"):
-            assert torch.equal(getattr(host, field), getattr(table, field)), field
+        table = StepTable.build(("k",), md, 37 + 5, 16)
+        # the table against its formula: slot of key c = block_table[r, p // 16] * 16 + p % 16 at
+        # p = target position of c, -1 past the request's limit
+        p = target_positions(torch.arange(42).expand(2, 42), ranges[:, None])
+        want_slots = args["block_table"].long().gather(1, p // 16) * 16 + p % 16
+        want_slots = torch.where(p <= md.limit.long()[:, None], want_slots, -1)
+        assert torch.equal(table.slots, want_slots)
+        valid = want_slots >= 0
+        assert torch.equal(table.valid, valid) and torch.equal(table.arange, torch.arange(42))
+        assert torch.equal(table.block, torch.where(valid, want_slots // 16, 0))
+        assert torch.equal(table.offset, torch.where(valid, want_slots % 16, 0))
         got = attend_decode_torch(md, q, k, v, kv_a, args["scale"], table)
-        keys = key_slots(md, 16, table.slots)
+        keys = key_slots(md, table.slots)
         req, pos = rows(md, 2)
         write_kv_ref(k, v, *kv_views(kv_b, 32), keys[req, pos])
         want = attend_torch(md, q, kv_b, args["scale"], 2, keys)

@@ -77,6 +77,7 @@ class DropRanges:
         self._allocate(max_reqs, max(1, max_spans))
         self.limit = torch.full((max_reqs,), NO_LIMIT, dtype=torch.int32, device=device)  # [R]
         self._limit_cpu = torch.full((max_reqs,), NO_LIMIT, dtype=torch.int32, pin_memory=device.type == "cuda")
+        self._copied = None  # CUDA: an event after the last host-to-device copies of the pinned buffers
         DropRanges.current = self
 
     def _allocate(self, max_reqs: int, S: int) -> None:
@@ -93,12 +94,17 @@ class DropRanges:
                 "hivis: a request holds %d images, more than the %d the drafter attention was sized for; "
                 "growing its buffers", S, cap)
             self._allocate(R, S)
+        if self._copied is not None:  # the last step's copies still read the pinned buffers (async
+            self._copied.synchronize()  # scheduling lets the host run a step ahead): wait for them
         r = self._ranges_cpu.numpy()
         r[:B] = 0
         r[:B, :S, 0], r[:B, :S, 1] = lo, hi
         self._limit_cpu.numpy()[:B] = np.minimum(limit, NO_LIMIT)
         self.ranges[:B].copy_(self._ranges_cpu[:B], non_blocking=True)
         self.limit[:B].copy_(self._limit_cpu[:B], non_blocking=True)
+        if self.device.type == "cuda":
+            self._copied = torch.cuda.Event()
+            self._copied.record()
         self.used = S
         self.version += 1
 
@@ -208,23 +214,12 @@ def write_slots(md: HiViSDraftAttentionMetadata, T: int, block_size: int) -> tor
     return torch.where(p <= md.limit.long()[req], slots_of(md, req, p, block_size), -1)
 
 
-def slot_table(md: HiViSDraftAttentionMetadata, L: int, block_size: int) -> torch.Tensor:
-    """[B, L] int64 target slot of drafter key positions 0..L-1 of each request; -1 where that
-    target position is past the request's writable limit. Fixed for a whole step (the ranges,
-    limits and block table are), whatever the pass."""
-    B = md.seq_lens.shape[0]
-    keys = torch.arange(L, device=md.seq_lens.device).expand(B, L)
-    p = target_positions(keys, md.ranges[:, None, : md.used_ranges])  # [B, L]
-    slot = slots_of(md, torch.arange(B, device=p.device)[:, None].expand(B, L), p, block_size)
-    return torch.where(p <= md.limit.long()[:, None], slot, -1)
-
-
-def key_slots(md: HiViSDraftAttentionMetadata, block_size: int, table: torch.Tensor | None = None) -> torch.Tensor:
+def key_slots(md: HiViSDraftAttentionMetadata, table: torch.Tensor) -> torch.Tensor:
     """[B, L] int64 target slot of every drafter key position 0..L-1 of each request
     (L = the batch's longest drafter sequence; -1 past a request's own length or writable limit),
-    read from a step's `slot_table` when given (at least L wide)."""
+    read from a step's `StepTable.slots` (at least L wide)."""
     L = max(1, md.max_seq_len)
-    table = slot_table(md, L, block_size) if table is None else table[:, :L]
+    table = table[:, :L]
     held = torch.arange(L, device=table.device) < md.seq_lens.long()[:, None]
     return torch.where(held, table, -1)
 
@@ -262,7 +257,9 @@ def attend_torch(md, q, kv_cache, scale: float, T: int, slots: torch.Tensor) -> 
 
 @dataclasses.dataclass
 class StepTable:
-    """A step's `slot_table` split for the CPU path's gathers: fixed for every pass of the step."""
+    """The CPU path's per-step table: the target slot of each request's drafter key positions
+    0..W-1, split for the gathers. Fixed for a whole step (the ranges, limits and block table
+    are), whatever the pass."""
 
     key: tuple  # (DropRanges.version, batch size, block table address and shape)
     slots: torch.Tensor  # [B, W] int64 target slot of drafter key positions 0..W-1; -1: not writable
@@ -272,15 +269,10 @@ class StepTable:
     arange: torch.Tensor  # [W] int64 0..W-1
 
     @classmethod
-    def build(cls, key: tuple, slots: torch.Tensor, block_size: int) -> StepTable:
-        s = slots.clamp(min=0)
-        return cls(key, slots, s // block_size, s % block_size, slots >= 0,
-                   torch.arange(slots.shape[1], device=slots.device))
-
-    @classmethod
-    def build_host(cls, key: tuple, md: HiViSDraftAttentionMetadata, L: int, block_size: int) -> StepTable:
-        """`build(key, slot_table(md, L, block_size))` for CPU tensors, in numpy on zero-copy views
-        (a few small numpy ops instead of ~15 torch dispatches: the table is rebuilt every step)."""
+    def build(cls, key: tuple, md: HiViSDraftAttentionMetadata, L: int, block_size: int) -> StepTable:
+        """The table for L key positions (CPU tensors), in numpy on zero-copy views (a few small
+        numpy ops instead of ~15 torch dispatches: it is rebuilt every step). -1 / invalid where a
+        key's target position is past the request's writable limit."""
         B = md.seq_lens.shape[0]
         ranges = md.ranges[:, : md.used_ranges].numpy().astype(np.int64)  # [B, S, 2]
         table = md.block_table.numpy()
@@ -350,7 +342,7 @@ class HiViSDraftAttentionImpl(AttentionImpl[HiViSDraftAttentionMetadata]):
         key = (md.version, md.seq_lens.shape[0], md.block_table.data_ptr(), md.block_table.shape)
         t = self._table
         if md.version < 0 or t is None or t.key != key or t.slots.shape[1] < L:
-            t = self._table = StepTable.build_host(key, md, L + STEP_SLACK, block_size)
+            t = self._table = StepTable.build(key, md, L + STEP_SLACK, block_size)
         return t
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
@@ -379,7 +371,7 @@ class HiViSDraftAttentionImpl(AttentionImpl[HiViSDraftAttentionMetadata]):
             out[:T] = attend_decode_torch(md, query[:T], key[:T], value[:T], kv_cache, self.scale,
                                           self._step_table(md, k_cache.shape[1])).to(out.dtype)
         else:
-            keys = key_slots(md, k_cache.shape[1], self._step_table(md, k_cache.shape[1]).slots)  # [B, L]
+            keys = key_slots(md, self._step_table(md, k_cache.shape[1]).slots)  # [B, L]
             # (the new rows' write slots are among the keys)
             req, pos = rows(md, T)
             write_kv_ref(key[:T], value[:T], k_cache, v_cache, keys[req, pos])
