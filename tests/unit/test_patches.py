@@ -332,3 +332,25 @@ def test_media_cache_misses_wait_for_their_data():
     plugin.register()
     assert helper.patched_by(EngineCoreProc, "_handle_mm_cache_miss") == "media_cache_misses_wait_for_their_data"
     assert helper.patched_by(EngineCore, "preprocess_add_request") == "media_cache_misses_wait_for_their_data"
+
+
+def test_a_patch_that_breaks_unexpectedly_is_reported_not_raised(monkeypatch, caplog):
+    """A patch runs inside vLLM's own import (post-import hook): an error other than the helper's
+    checked PatchError (say, a target attribute a release removed) must be logged and recorded,
+    never raised into the import of vLLM; a broken hivis patch then makes hivis configs refuse."""
+    import vllm_hivis.patches as patches
+    from vllm_hivis.patches.registry import Patch
+
+    def boom():
+        raise AttributeError("type object 'GPUModelRunner' has no attribute 'gone'")
+
+    monkeypatch.setattr(patches, "_failed", {})
+    monkeypatch.setattr(patches, "when_imported", lambda module, fn: None)  # record only
+    p = Patch("test_missing_target", "vllm", boom, "hivis", {}, None)
+    monkeypatch.setattr(patches, "REGISTRY", [p])
+    with caplog.at_level("WARNING", logger="vllm_hivis.patches"):
+        patches._apply(p)  # must not raise
+    assert patches.failed() == {"test_missing_target": "AttributeError: type object 'GPUModelRunner' has no "
+                                                       "attribute 'gone'"}
+    assert "patch test_missing_target not applied: AttributeError" in caplog.text
+    assert "could not wire hivis" in patches.hivis_unavailable_reason()

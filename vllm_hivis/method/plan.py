@@ -44,6 +44,10 @@ class StepPlan:
     drafter_prompt_rows: np.ndarray  # [B] int64: kept (non-dummy) rows that are prompt rows (p < prompt_len)
     target_prompt_rows: np.ndarray  # [B] int64: target rows that are prompt rows
     identity: bool  # nothing dropped and no offsets: the batch passes through unchanged
+    # [B, S] int64 each: request i drops target rows [lo, hi) of each span (dropped_ranges), for
+    # the drafter's attention (serving/draft_attention.py DropRanges.publish)
+    drop_lo: np.ndarray | None = None
+    drop_hi: np.ndarray | None = None
 
 
 def plan_step(num_computed: np.ndarray, query_start_loc: np.ndarray, spans: list[np.ndarray],
@@ -105,7 +109,7 @@ def plan_step(num_computed: np.ndarray, query_start_loc: np.ndarray, spans: list
     return StepPlan(keep_idx=keep_idx, offset=off, positions=p[keep_idx] - off, req_of_row=row_req[keep_idx],
                     query_start_loc=new_qsl, seq_shift=seq_shift, dummy=dummy, drafter_prompt_rows=d_rows,
                     target_prompt_rows=t_rows,
-                    identity=bool(len(keep_idx) == len(p) and not off.any()))
+                    identity=bool(len(keep_idx) == len(p) and not off.any()), drop_lo=lo, drop_hi=hi)
 
 
 def dropped_ranges(spans: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:

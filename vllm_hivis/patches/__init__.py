@@ -49,9 +49,11 @@ def _disabled_fixes() -> set[str]:
 def _apply(p: Patch) -> None:
     try:
         p.apply()
-    except PatchError as e:
-        _failed[p.name] = str(e)
-        logger.warning("vllm-hivis: patch %s not applied: %s", p.name, e)
+    except Exception as e:  # noqa: BLE001 - runs inside vLLM's import: a broken patch must not break vLLM
+        # PatchError: a checked mismatch (signature, double patch). Anything else (a target missing
+        # from a release the contract tests did not cover) is reported the same way, never raised.
+        _failed[p.name] = str(e) if isinstance(e, PatchError) else f"{type(e).__name__}: {e}"
+        logger.warning("vllm-hivis: patch %s not applied: %s", p.name, _failed[p.name])
         if p.reason == "hivis":
             when_imported("vllm.engine.arg_utils", functools.partial(_refuse_hivis, hivis_unavailable_reason))
         return

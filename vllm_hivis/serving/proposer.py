@@ -28,7 +28,6 @@ from ..method.plan import (
     StepPlan,
     compacted_sample_rows,
     drafter_seq_lens,
-    dropped_ranges,
     plan_step,
     record_prefill,
     request_spans,
@@ -99,8 +98,7 @@ class HiViSProposer(EagleProposer):
         record_prefill(self.prefill_counters, req_ids, plan, num_computed, qsl, prompt_lens)
         # for the drafter's attention: each request's dropped rows, and how far it may write (its
         # window end plus the draft steps' lookahead slots)
-        lo, hi = dropped_ranges(spans)
-        self.drops.publish(lo, hi, num_computed + np.diff(qsl) + self.num_speculative_tokens)
+        self.drops.publish(plan.drop_lo, plan.drop_hi, num_computed + np.diff(qsl) + self.num_speculative_tokens)
         self.last_plan = plan
         return plan
 

@@ -44,7 +44,6 @@ import torch
 from ..method.plan import (
     StepPlan,
     drafter_seq_lens,
-    dropped_ranges,
     last_token_indices,
     plan_step,
     record_prefill,
@@ -159,8 +158,8 @@ class HiViSSpeculatorMixin:
         spans = [request_spans(mm.get(r)) for r in req_ids]
         plan = plan_v2_prefill(num_computed, qsl, spans, prompt_lens, input_batch.num_draft_tokens_per_req)
         record_prefill(self.prefill_counters, req_ids, plan, num_computed, qsl, prompt_lens)
-        lo, hi = dropped_ranges(spans)  # for the drafter's attention (serving/draft_attention.py)
-        self.drops.publish(lo, hi, num_computed + np.diff(qsl[: B + 1]) + self.num_speculative_steps)
+        limit = num_computed + np.diff(qsl[: B + 1]) + self.num_speculative_steps
+        self.drops.publish(plan.drop_lo, plan.drop_hi, limit)  # for the drafter's attention
         to_dev = lambda a: torch.from_numpy(a).to(self.device, non_blocking=True)  # noqa: E731
         self._hivis_step = _Step(
             plan=plan, req_ids=req_ids, num_tokens=input_batch.num_tokens, keep=to_dev(plan.keep_idx),

@@ -48,6 +48,14 @@ def image_spans(prompt_ids: list[int], image_token_id: int) -> np.ndarray:
 
 
 # -- shard storage --------------------------------------------------------------------------
+def storage_dtype(recorded: torch.dtype) -> torch.dtype:
+    """The dtype a shard stores hidden states and image features in: a half-precision target's
+    own dtype, exactly (llava-1.5 serves in fp16, many newer VLMs in bf16: a bf16 -> fp16 cast
+    would overflow beyond 65504 and round differently); wider ones (fp32, the CPU testbed) as fp16,
+    half the disk and twice the records per resident shard."""
+    return torch.bfloat16 if recorded == torch.bfloat16 else torch.float16
+
+
 def write_shard(path: Path, records: list[dict]) -> int:
     """Write records atomically; returns bytes written. Raises DataError on a full disk."""
     if not records:
@@ -57,10 +65,10 @@ def write_shard(path: Path, records: list[dict]) -> int:
     n_img = torch.tensor([len(r["image_embeds"]) for r in records], dtype=torch.int64)
     n_spans = torch.tensor([len(r["spans"]) for r in records], dtype=torch.int64)
     H = records[0]["hidden"].shape[1]
+    dt = storage_dtype(torch.as_tensor(records[0]["hidden"]).dtype)
     tensors = {
-        "input_ids": cat("input_ids", torch.int32), "hidden": cat("hidden", torch.float16),
-        "image_embeds": torch.cat([torch.as_tensor(r["image_embeds"]).reshape(-1, H).to(torch.float16)
-                                   for r in records]),
+        "input_ids": cat("input_ids", torch.int32), "hidden": cat("hidden", dt),
+        "image_embeds": torch.cat([torch.as_tensor(r["image_embeds"]).reshape(-1, H).to(dt) for r in records]),
         "spans": torch.cat([torch.as_tensor(r["spans"]).reshape(-1, 2).to(torch.int64) for r in records]),
         "lengths": lens, "image_rows": n_img, "num_spans": n_spans,
         "prompt_len": torch.tensor([r["prompt_len"] for r in records], dtype=torch.int64),

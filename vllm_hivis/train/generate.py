@@ -162,6 +162,13 @@ def plan_shards(out: Path, source: dict, num_items: int, shard_size: int) -> lis
     return tasks
 
 
+def default_worker_resources() -> dict:
+    """What each Ray Data actor asks for: one GPU where the driver sees CUDA (vLLM and the HF
+    target need it visible; an actor asking only for CPUs gets CUDA_VISIBLE_DEVICES=""), else one
+    CPU. Each phase's actors exit when its dataset is consumed, so phase 2 finds the GPUs free."""
+    return {"num_gpus": 1} if torch.cuda.is_available() else {"num_cpus": 1}
+
+
 def generate_dataset(target_dir: str, out_dir: str, source: dict, responses: list[dict], shard_size: int = 256,
                      workers: int = 0, max_tokens: int = 160, seed: int = 0,
                      worker_resources: dict | None = None) -> Manifest:
@@ -189,7 +196,7 @@ def generate_dataset(target_dir: str, out_dir: str, source: dict, responses: lis
     # Phase 1 (vLLM answers) for shards without answers, then phase 2 (hidden states): never both
     # models on a device at once, and each phase resumes where it stopped.
     answer = [t for t in todo if not (out / answers_file(t)).is_file()]
-    ray_kw = dict(batch_size=1, concurrency=workers, **(worker_resources or {"num_cpus": 1}))
+    ray_kw = dict(batch_size=1, concurrency=workers, **(worker_resources or default_worker_resources()))
     if answer and workers == 0:
         worker = AnswerWorker(target_dir, responses, max_tokens, seed)
         try:
