@@ -1,6 +1,6 @@
 """Training ablation: acceptance of drafters trained with the same data and budget.
 
-    python benchmarks/ablation.py --data runs/drafter-data --target vllm_hivis/assets/tiny-target \
+    python benchmarks/ablation.py --data runs/drafter-data --target hivis_testbed/assets/tiny-target \
         --steps 1500 --out benchmarks/results/ablation
 
 Rows: the HiViS recipe ladder (single-step EAGLE distillation, + multi-step self-feedback,

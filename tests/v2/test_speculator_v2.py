@@ -521,7 +521,7 @@ def test_v2_internals_signatures():
     assert _params(BlockTables.compute_slot_mappings)[:5] == [
         "self", "idx_mapping", "query_start_loc", "positions", "num_tokens_padded"]
     assert _params(init_speculator) == ["vllm_config", "device", "req_states"]
-    # the module global patches.py replaces: the original, or our wrapper around it
+    # the module global patches/hivis.py replaces: the original, or our wrapper around it
     assert getattr(model_runner.init_speculator, "__wrapped__", model_runner.init_speculator) is init_speculator
     fields = {f.name for f in dataclasses.fields(InputBatch)}
     assert {"seq_lens", "seq_lens_cpu_upper_bound", "num_computed_tokens_np", "query_start_loc_np",

@@ -57,7 +57,7 @@ def check_user_dict(sc: dict) -> DrafterSpec:
     drafter = sc.get("model")
     if not drafter:
         raise HiViSConfigError("method 'hivis' needs 'model': the path of a hivis drafter directory "
-                               "(e.g. `vllm-hivis assets` prints the shipped tiny drafter)")
+                               "(e.g. `hivis-testbed assets` prints the shipped tiny drafter)")
     k = sc.get("num_speculative_tokens")
     if k is None:
         raise HiViSConfigError("method 'hivis' needs 'num_speculative_tokens' (draft length per step, 1.."
@@ -143,7 +143,7 @@ def rewrite_engine_args(args) -> DrafterSpec | None:
         os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"  # the validated path (CPU build, and GPUs)
     else:
         logger.warning("hivis: VLLM_USE_V2_MODEL_RUNNER=%s selects the experimental V2 speculator, which has "
-                       "not been run on a GPU yet (vllm_hivis/speculator_v2.py); unset it for the V1 runner",
+                       "not been run on a GPU yet (vllm_hivis/serving/speculator_v2.py); unset it for the V1 runner",
                        os.environ["VLLM_USE_V2_MODEL_RUNNER"])
     logger.info("hivis: drafter %s, %d speculative tokens (served through vLLM's EAGLE path)",
                 sc["model"], sc["num_speculative_tokens"])

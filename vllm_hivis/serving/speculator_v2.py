@@ -1,6 +1,6 @@
 """HiViSSpeculator: hivis drafting on vLLM 0.32's V2 model runner (the default GPU runner).
 
-NOT YET EXECUTED ON A GPU. The pure functions below are tested on the CPU (tests/unit/
+NOT YET EXECUTED ON A GPU. The pure functions below are tested on the CPU (tests/v2/
 test_speculator_v2.py); the glue class has only run against CPU fakes of vLLM's V2 pieces,
 because the V2 runner needs Triton and CUDA.
 
@@ -12,7 +12,7 @@ speculator.py:165-364) runs: ``prepare_prefill_inputs`` (Triton, L226: ids shift
 (L285, eager) or a FULL-graph replay of it (L280), then ``prepare_decode_inputs`` with
 ``input_batch.seq_lens`` (L307) and the draft decode loop on ``self.input_buffers``.
 HiViSSpeculator keeps that method and changes three things around it:
-1. ``propose`` plans the step on the CPU (hide.plan_step: no GPU sync) and hands ``super()`` a copy
+1. ``propose`` plans the step on the CPU (method/plan.py plan_step: no GPU sync) and hands ``super()`` a copy
    of the InputBatch whose ``seq_lens`` / ``seq_lens_cpu_upper_bound`` are the drafter's
    (target - seq_shift). Draft prefill and decode seq lens are then in drafter space.
 2. ``_prefill`` (called after the shift and the hidden-state copy) compacts the buffers to the kept
@@ -59,7 +59,7 @@ from .trace import ProposalTracer
 
 def plan_v2_prefill(num_computed: np.ndarray, query_start_loc: np.ndarray, spans: list[np.ndarray],
                     prompt_lens: np.ndarray | None = None, num_draft_tokens: np.ndarray | None = None) -> StepPlan:
-    """hide.plan_step over a V2 batch, plus the contract V2's last-token convention needs.
+    """method/plan.py plan_step over a V2 batch, plus the contract V2's last-token convention needs.
 
     num_computed:     [B] ``input_batch.num_computed_tokens_np`` (window starts; an upper bound for
                       async decode rows, which lie after every image, where the plan does not
