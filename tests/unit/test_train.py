@@ -49,6 +49,10 @@ def test_other_kinds():
     assert vis["is_adaptor"].sum() == 2
     assert vis["positions"][vis["is_adaptor"]].tolist() == [6, 7]  # last 2 positions of the span [2, 8)
     assert vis["after_image"].sum() == (vis["target_rows"] >= 7).sum()
+    two = dict(rec, spans=as_spans([(2, 3), (8, 2)]))
+    with pytest.raises(DataError, match="has 2 images, but the ViSpec-style baseline handles one image"):
+        make_example(two, "vispec")  # a user's data error, not an assert (which vanishes under -O)
+    assert len(make_example(two, "hivis")["input_ids"]) > 0
 
 
 def test_step_mask_matches_definition():

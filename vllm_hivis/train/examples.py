@@ -54,7 +54,12 @@ def make_example(rec: dict, kind: str, num_q: int = 2) -> dict:
 def _with_adaptor_rows(ex: dict, rec: dict, num_q: int) -> dict:
     """Insert num_q - 1 adaptor rows per image at the last positions of its span (ViSpec)."""
     spans = rec["spans"]
-    assert len(spans) <= 1, "the ViSpec-style baseline handles one image per prompt"
+    if len(spans) > 1:
+        from .data import DataError
+
+        raise DataError(f"record {rec.get('id', '?')!r} has {len(spans)} images, but the ViSpec-style baseline "
+                        "handles one image per prompt; train kind 'vispec' on single-image data (or use kind "
+                        "'hivis', which takes any number)")
     n = len(ex["input_ids"])
     ex["is_adaptor"] = torch.zeros(n, dtype=torch.bool)
     ex["after_image"] = torch.zeros(n, dtype=torch.bool)

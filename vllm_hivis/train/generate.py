@@ -137,7 +137,10 @@ class HiddenWorker:
             hidden, image_embeds = target.hidden_states(ids, items[a["item"]].image)
             # image features: one per placeholder row, or none where the model does not return them
             # (Qwen2.5-VL: only the ViSpec-style baseline needs them, and says so)
-            assert len(image_embeds) in (0, int(np.sum(spans[:, 1]))), "image rows != placeholder rows"
+            if len(image_embeds) not in (0, int(np.sum(spans[:, 1]))):
+                raise DataError(f"answer {a['id']!r}: the target returned {len(image_embeds)} image feature rows "
+                                f"for {int(np.sum(spans[:, 1]))} image placeholder tokens; the processor and the "
+                                "model disagree on the image token count (check the target's processor config)")
             records.append({"id": a["id"], "kind": a["kind"], "mode": a["mode"], "input_ids": ids,
                             "prompt_len": a["prompt_len"], "spans": spans, "hidden": hidden,
                             "image_embeds": image_embeds})
