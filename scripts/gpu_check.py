@@ -155,33 +155,26 @@ def check_training(out: Path, s: Shapes, device: torch.device) -> dict:
 
 # -- 2. CUDA graph -------------------------------------------------------------------------------
 class DraftPass(torch.nn.Module):
-    """The serving drafter's compiled region (serving/drafter.py HiViSDrafterModel.forward), over
-    the training twin's layers: f_in = f + table[k], k a device counter advanced in place."""
+    """The serving drafter's compiled region (serving/drafter.py HiViSDrafterModel.forward) as the
+    training twin computes it (HiViSDrafter.forward: f_in = f + b_k, fc, one layer), with the
+    serving module's device step counter advanced in place."""
 
     def __init__(self, twin, embed: torch.nn.Embedding, python_counter: bool = False):
         super().__init__()
         self.twin, self.embed, self.python_counter = twin, embed, python_counter
-        H = twin.config.hidden_size
-        table = torch.zeros(twin.step_bias.shape[0] + 1, H, device=twin.step_bias.device, dtype=twin.step_bias.dtype)
-        table[1:] = twin.step_bias.detach()
-        self.register_buffer("table", table)
-        self.register_buffer("draft_step", torch.zeros(1, dtype=torch.long, device=table.device))
+        device = next(twin.parameters()).device
+        self.register_buffer("draft_step", torch.zeros(1, dtype=torch.long, device=device))
         self.py_step = 0  # the capture-unsafe variant's counter (frozen into a captured graph)
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         # ids: [T]; positions: [T]; hidden: [T, H] -> [T, H]
+        step = self.py_step if self.python_counter else self.draft_step
+        out = self.twin(self.embed(ids)[None], hidden[None], positions[None], steps=step)[0]
         if self.python_counter:
-            f_in = hidden + self.table[min(self.py_step, self.table.shape[0] - 1)]
             self.py_step += 1
         else:
-            f_in = hidden + self.table[self.draft_step.clamp(max=self.table.shape[0] - 1)]
             self.draft_step.add_(1)
-        h = self.twin.fc(torch.cat([self.embed(ids), f_in], dim=-1))[None]
-        pos = positions[None]
-        T = h.shape[1]
-        mask = torch.ones(T, T, dtype=torch.bool, device=h.device).tril()[None, None]
-        return self.twin.layers[0](h, attention_mask=mask, position_ids=pos,
-                                   position_embeddings=self.twin.rotary_emb(h, pos))[0]
+        return out
 
     def begin(self) -> None:
         self.draft_step.zero_()
