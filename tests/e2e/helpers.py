@@ -133,7 +133,7 @@ def check_training_pipeline_matches_serving(target, drafter, items, trace_dir, *
     for it, o in zip(items, outs):
         ids = list(o.prompt_token_ids) + list(o.outputs[0].token_ids)
         assert hf.encode(it)[0].tolist() == list(o.prompt_token_ids)  # vLLM and training tokenise alike
-        hidden, _ = hf.hidden_states(torch.tensor(ids), it.image)
+        hidden, _, _ = hf.hidden_states(torch.tensor(ids), it.image)
         tr = traced_rows(traces, o.request_id)
         for j in np.flatnonzero(~tr["is_dummy"].astype(bool)):
             p = int(tr["target_pos"][j])

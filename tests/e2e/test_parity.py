@@ -106,3 +106,88 @@ def test_offline_evaluator_counts_like_vllm(served):
         (acc_vllm.num_drafts, acc_vllm.num_draft_tokens, acc_vllm.num_accepted)
     assert acc_off.per_position_counts == acc_vllm.per_position_counts
     print(f"\nvLLM and offline replay agree: {json.dumps(acc_off.summary())}")
+
+
+# -- multi-layer drafters (feature_layers): vLLM's auxiliary hidden states == the training twin's ----
+ML_LAYERS = [1, 2, 4]  # of the tiny target's 4 layers: two intermediate ones and the final normed state
+
+
+def multi_layer_drafter(out_dir) -> str:
+    """A randomly initialised multi-layer hivis drafter for the tiny target (step biases on): parity
+    holds for any weights, and random ones exercise every path (nothing is near zero)."""
+    from vllm_hivis.method.checkpoint import DrafterSpec
+
+    from pathlib import Path
+
+    tcfg = json.loads((Path(assets.tiny_target()) / "config.json").read_text())["text_config"]
+    spec = DrafterSpec(hidden_size=tcfg["hidden_size"], vocab_size=tcfg["vocab_size"], step_bias_steps=2,
+                       feature_layers=ML_LAYERS, num_target_layers=tcfg["num_hidden_layers"])
+    torch.manual_seed(0)
+    d = HiViSDrafter.for_target(tcfg, spec)
+    with torch.no_grad():
+        d.step_bias.normal_(0, 0.5)
+    return str(d.export(out_dir, target=assets.tiny_target()))
+
+
+@pytest.fixture(scope="module")
+def served_multi_layer(tmp_path_factory):
+    from vllm import SamplingParams
+
+    drafter = multi_layer_drafter(tmp_path_factory.mktemp("ml-drafter"))
+    trace = tmp_path_factory.mktemp("ml-trace")
+    with engine(speculative_config=hivis_spec(k=K, drafter=drafter), max_num_batched_tokens=32,
+                enable_chunked_prefill=True, env={"VLLM_HIVIS_TRACE_DIR": str(trace)}) as llm:
+        outs = llm.generate([vllm_prompt(it) for it in items()], SamplingParams(temperature=0.0, max_tokens=48),
+                            use_tqdm=False)
+        acc = from_llm_metrics(llm.get_metrics())
+    return drafter, outs, acc, load_traces(trace)
+
+
+def test_multi_layer_drafter_matches_its_training_twin(served_multi_layer):
+    """The features vLLM's runner collects (auxiliary hidden states, combined by the drafter with the
+    target's own final norm) equal feature_fc over transformers' layers as training records them,
+    row for row; and the twin reproduces vLLM's drafter outputs from them."""
+    drafter_dir, outs, _, traces = served_multi_layer
+    target = HFTarget(assets.tiny_target())
+    drafter = HiViSDrafter.from_pretrained(drafter_dir).eval()
+    assert drafter.spec.feature_layers == ML_LAYERS
+    embed, _, _ = frozen_target_parts(assets.tiny_target())
+    inter = tuple(i for i in ML_LAYERS if i < 4)
+    checked = 0
+    for it, o in zip(items(), outs):
+        ids = torch.tensor(list(o.prompt_token_ids) + list(o.outputs[0].token_ids))
+        prompt, pixels = target.encode(it)
+        from transformers import DynamicCache
+
+        hidden, _, _ = target.forward(ids, DynamicCache(), pixels, inter)
+        rec = {"input_ids": ids, "hidden": hidden, "prompt_len": len(prompt), "layers": target.layer_states,
+               "feature_layers": inter, "spans": image_spans(prompt.tolist(), target.image_token_id),
+               "image_embeds": torch.zeros(0, hidden.shape[1])}
+        ex = drafter.example(rec)
+        assert ex["features"].shape[1] == len(ML_LAYERS) * hidden.shape[1]
+        tr = traced_rows(traces, o.request_id)
+        by_pos = {}
+        for j in np.flatnonzero(~tr["is_dummy"].astype(bool)):
+            p = int(tr["target_pos"][j])
+            if p < len(ids) - 1 and int(tr["input_ids"][j]) == int(ids[p + 1]):
+                by_pos[p] = j
+        rows = ex["target_rows"].tolist()
+        assert set(by_pos) == set(rows)
+        sel = [by_pos[p] for p in rows]
+        with torch.no_grad():
+            f = drafter.combine_features(ex["features"])
+            out = drafter(embed(ex["input_ids"])[None], f[None], ex["positions"][None])[0]
+        np.testing.assert_allclose(tr["features"][sel], f.numpy(), atol=2e-3, rtol=1e-3)
+        np.testing.assert_allclose(tr["out_features"][sel], out.numpy(), atol=5e-3, rtol=1e-3)
+        checked += len(rows)
+    assert checked > 100
+
+
+def test_multi_layer_offline_evaluator_counts_like_vllm(served_multi_layer):
+    """Offline replay of the multi-layer drafter (layers recorded by transformers) drafts exactly what
+    vLLM drafted: same tokens (lossless either way) and the same acceptance counts."""
+    drafter, outs, acc_vllm, _ = served_multi_layer
+    acc_off, gen = evaluate(assets.tiny_target(), drafter, items(), k=K, max_tokens=48, progress=False)
+    assert gen == [list(o.outputs[0].token_ids) for o in outs]
+    assert (acc_off.num_drafts, acc_off.num_accepted) == (acc_vllm.num_drafts, acc_vllm.num_accepted)
+    assert acc_off.per_position_counts == acc_vllm.per_position_counts

@@ -319,7 +319,7 @@ def test_data_generation_never_holds_two_targets(random_target, tmp_path, monkey
             events.append("answer down")
 
     class FakeHidden:
-        def __init__(self, target_dir):
+        def __init__(self, target_dir, feature_layers=()):
             assert alive["answer"] == 0, "the vLLM engine is still alive"
             alive["hidden"] += 1
             events.append("hidden up")

@@ -547,3 +547,32 @@ def test_v2_internals_propose_call_order():
     assert "self.input_buffers.positions[last_token_indices]" in prefill_src
     kernel_src = inspect.getsource(mod.prepare_prefill_inputs)
     assert "input_batch.seq_lens" in kernel_src and "input_batch.positions" in kernel_src
+
+
+def test_glue_combines_a_multi_layer_drafters_auxiliary_layers():
+    """A multi-layer drafter's auxiliary target layers (n x [N, H], V2 passes them beside the last
+    hidden states) are combined by the drafter before anything else: the drafter rows then carry
+    the combined features of their kept target rows, and vLLM's parent sees no aux list (its
+    EagleSpeculator would assert method 'eagle3')."""
+    pytest.importorskip("vllm.v1.worker.gpu.input_batch")
+    reqs = MIXED
+    ys, batch, last_sampled, nxt_prefill, num_sampled = fake_batch(reqs)
+    spec = make_fake_speculator(reqs, batch, torch.zeros(16, 20, dtype=torch.int64), 4)
+    seen = {}
+
+    def combine(x):  # [N, 2*2] -> [N, 2]: a stand-in for feature_fc over two layers
+        seen["aux"] = x.clone()
+        return x[:, :2] * 10 + x[:, 2:]
+
+    spec.model.combine_hidden_states = combine
+    N = batch.num_tokens
+    rows = torch.arange(N, dtype=torch.float32)[:, None]
+    aux = [rows.repeat(1, 2), 100 + rows.repeat(1, 2)]
+    spec.propose(batch, "target-meta", "target-slots", torch.full((N, 2), -1.0), aux, num_sampled,
+                 torch.zeros(len(reqs), dtype=torch.int32), last_sampled, nxt_prefill, torch.zeros(16),
+                 torch.zeros(16, dtype=torch.int64))
+    assert seen["aux"].shape == (N, 4)
+    plan = sv2.plan_v2_prefill(batch.num_computed_tokens_np, batch.query_start_loc_np,
+                               [as_spans(r.spans) for r in reqs], None, batch.num_draft_tokens_per_req)
+    keep = torch.from_numpy(plan.keep_idx).float()
+    assert spec.log["prefill"]["hidden"][:, 0].tolist() == (keep * 10 + 100 + keep).tolist()

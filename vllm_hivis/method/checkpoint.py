@@ -2,7 +2,7 @@
 
     <drafter dir>/config.json        a 1-layer Llama config + "architectures": ["HiViSDrafterForCausalLM"]
                                      + a "hivis" block (DrafterSpec below)
-    <drafter dir>/model.safetensors  fc.weight, layers.0.*, [step_bias]; never embed_tokens or
+    <drafter dir>/model.safetensors  fc.weight, layers.0.*, [step_bias], [feature_fc.weight]; never embed_tokens or
                                      lm_head: both are shared from the target at load time
     <drafter dir>/provenance.json    optional: how it was made (command, seed, commit, metrics)
 
@@ -42,9 +42,43 @@ class DrafterSpec:
     version: int = FORMAT_VERSION
     target: str | None = None  # free text: which target it was trained for
     tokenizer: str | None = None  # tokenizer_fingerprint of that target (None: not recorded)
+    # Multi-layer target features (EAGLE-3-style, at text positions only). None: the last layer
+    # alone (f = the final normed state). Else sorted target layer indices, as vLLM's auxiliary
+    # hidden-state ids: i < n_layers is the residual stream after i decoder layers, n_layers the
+    # final state after the target's norm. The feature is then
+    #     f = feature_fc([rms(a_i1); ...; rms(a_in)])    (n*H -> H, no bias)
+    # with rms(x) = x / sqrt(mean(x^2) + eps) for intermediate layers (their scale grows with depth)
+    # and the final layer taken as the target's normed state itself.
+    feature_layers: list[int] | None = None
+    num_target_layers: int | None = None  # the target's decoder layers (set with feature_layers)
+
+    def __post_init__(self):
+        if self.feature_layers is not None:  # JSON lists and tuples compare alike
+            object.__setattr__(self, "feature_layers", [int(i) for i in self.feature_layers])
+
+    @property
+    def num_feature_layers(self) -> int:
+        return len(self.feature_layers) if self.feature_layers else 1
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def check_feature_layers(spec: DrafterSpec, where: str) -> None:
+    """The feature_layers contract (DrafterSpec); raises DrafterFormatError."""
+    layers, n = spec.feature_layers, spec.num_target_layers
+    if layers is None:
+        if n is not None:
+            raise DrafterFormatError(f"{where}: num_target_layers is set without feature_layers")
+        return
+    if not isinstance(n, int) or n < 2:
+        raise DrafterFormatError(f"{where}: feature_layers needs num_target_layers (the target's decoder layers, "
+                                 f">= 2), got {n!r}")
+    if not layers or layers != sorted(set(layers)) or not all(1 <= i <= n for i in layers):
+        raise DrafterFormatError(f"{where}: feature_layers must be a non-empty, sorted list of distinct target layer "
+                                 f"indices in 1..{n} ({n} = the final normed state), got {layers}")
+    if not spec.uses_target_features:
+        raise DrafterFormatError(f"{where}: a text-only drafter (uses_target_features=false) reads no feature layers")
 
 
 def read_config(drafter_dir: str | os.PathLike) -> dict:
@@ -80,6 +114,12 @@ def read_spec(drafter_dir: str | os.PathLike) -> DrafterSpec:
     if spec.version != FORMAT_VERSION:
         raise DrafterFormatError(f"{drafter_dir}: hivis format version {spec.version} is not supported "
                                  f"(this vllm-hivis reads version {FORMAT_VERSION})")
+    check_feature_layers(spec, str(drafter_dir))
+    aux = cfg.get("eagle_aux_hidden_state_layer_ids")
+    if aux != spec.feature_layers and not (aux is None and spec.feature_layers is None):
+        raise DrafterFormatError(f"{drafter_dir}: config.json eagle_aux_hidden_state_layer_ids={aux} (the layers "
+                                 f"vLLM hands the drafter) disagrees with the 'hivis' block's feature_layers="
+                                 f"{spec.feature_layers}; they must be equal")
     if spec.drop_rule not in DROP_RULES:
         raise DrafterFormatError(f"{drafter_dir}: drop_rule {spec.drop_rule!r} unknown; expected one of {DROP_RULES}")
     if cfg.get("hidden_size") != spec.hidden_size or cfg.get("vocab_size") != spec.vocab_size:
@@ -115,6 +155,8 @@ def expected_tensors(cfg: dict, spec: DrafterSpec) -> dict[str, tuple[int, ...]]
            "layers.0.mlp.down_proj.weight": (H, inter)}
     if spec.step_bias_steps:
         out["step_bias"] = (spec.step_bias_steps, H)
+    if spec.feature_layers:
+        out["feature_fc.weight"] = (H, spec.num_feature_layers * H)
     return out
 
 
@@ -187,4 +229,6 @@ def llama_config_dict(text_config: dict, spec: DrafterSpec, intermediate_size: i
         cfg["head_dim"] = cfg["hidden_size"] // num_heads
     cfg.update(model_type="llama", architectures=[ARCHITECTURE], num_hidden_layers=1,
                tie_word_embeddings=False, hivis=spec.to_json())
+    if spec.feature_layers:  # vLLM's own key: its runners read it to collect these target layers
+        cfg["eagle_aux_hidden_state_layer_ids"] = list(spec.feature_layers)
     return cfg

@@ -112,6 +112,58 @@ def build_hivis_proposer() -> None:
     wrap(gpu_model_runner.GPUModelRunner, "__init__", make, patch="build_hivis_proposer")
 
 
+@patch("vllm.v1.worker.gpu_model_runner", reason="hivis",
+       targets={"GPUModelRunner._setup_eagle3_aux_hidden_state_outputs": "self"})
+def collect_hivis_feature_layers() -> None:
+    """WHAT: when a V1 model runner of a hivis config whose drafter fuses several target layers
+    (``feature_layers``, method/checkpoint.py) loads its model, ``use_aux_hidden_state_outputs``
+    is set first, so vLLM's own EAGLE-3 machinery (``_setup_eagle3_aux_hidden_state_outputs``,
+    called by load_model of the GPU and CPU runners; it reads the drafter config's
+    ``eagle_aux_hidden_state_layer_ids``) makes the target return those layers and hands them,
+    concatenated, to the proposer (gpu_model_runner.py:4952); HiViSProposer combines them. The flag
+    is read only from load_model on (execute_model, propose, dummy runs).
+    WHY: vLLM turns it on for method "eagle3" only (:645); hivis runs on "eagle". Last-layer hivis
+    drafters and every other run keep vLLM's flag untouched.
+    UPSTREAM: none."""
+    from vllm.v1.worker import gpu_model_runner
+
+    from ..serving.config import feature_layers
+
+    def make(orig):
+        def _setup_eagle3_aux_hidden_state_outputs(self):
+            if feature_layers(self.vllm_config):
+                self.use_aux_hidden_state_outputs = True
+            return orig(self)
+
+        return _setup_eagle3_aux_hidden_state_outputs
+
+    wrap(gpu_model_runner.GPUModelRunner, "_setup_eagle3_aux_hidden_state_outputs", make,
+         patch="collect_hivis_feature_layers")
+
+
+@patch("vllm.v1.worker.gpu.model_runner", reason="hivis",
+       targets={"GPUModelRunner.__init__": "self, vllm_config, device"})
+def collect_hivis_feature_layers_v2() -> None:
+    """WHAT: the V2 model runner's twin of `collect_hivis_feature_layers`: ``use_aux_hidden_state_outputs``
+    for a multi-layer hivis drafter, so load_model calls vLLM's ``set_eagle3_aux_hidden_state_layers``
+    (same config key) and ``propose`` receives the layers (HiViSSpeculator combines them).
+    WHY: V2 sets the flag for eagle3 / dflash / dspark / extract_hidden_states only.
+    UPSTREAM: none."""
+    from vllm.v1.worker.gpu import model_runner
+
+    from ..serving.config import feature_layers
+
+    def make(orig):
+        def __init__(self, vllm_config, device):
+            orig(self, vllm_config, device)
+            if feature_layers(vllm_config):
+                self.use_aux_hidden_state_outputs = True
+
+        return __init__
+
+    wrap(model_runner.GPUModelRunner, "__init__", make, patch="collect_hivis_feature_layers_v2")
+
+
 @contextlib.contextmanager
 def _module_global(module, name: str, value):
     """``module.name = value`` for the duration of the block (construction happens in one thread:

@@ -45,6 +45,16 @@ def is_hivis(vllm_config) -> bool:
     return any(ARCHITECTURE in a for a in archs)
 
 
+def feature_layers(vllm_config) -> list[int] | None:
+    """A hivis drafter's multi-layer target features (method/checkpoint.py), None: last layer only.
+    vLLM's runners collect them as auxiliary hidden states (its EAGLE-3 machinery), told which by
+    the drafter config's ``eagle_aux_hidden_state_layer_ids``, equal to this list."""
+    if not is_hivis(vllm_config):
+        return None
+    hf = vllm_config.speculative_config.draft_model_config.hf_config
+    return (getattr(hf, "hivis", None) or {}).get("feature_layers") or None
+
+
 def check_user_dict(sc: dict) -> DrafterSpec:
     """Validate a user's hivis speculative-config dict on its own (no target needed)."""
     unknown = sorted(set(sc) - ALLOWED_KEYS - set(UNSUPPORTED))
@@ -89,6 +99,12 @@ def check_against_target(spec: DrafterSpec, sc: dict, target_model_config, targe
     if spec.vocab_size != V:
         raise HiViSConfigError(f"drafter {drafter!r} has vocab size {spec.vocab_size} but target {name!r} has {V}; "
                                "the drafter shares the target's embedding and LM head")
+    if spec.feature_layers:
+        n = target_model_config.get_total_num_hidden_layers()
+        if spec.num_target_layers != n:
+            raise HiViSConfigError(f"drafter {drafter!r} fuses target layers {spec.feature_layers} of a "
+                                   f"{spec.num_target_layers}-layer target, but target {name!r} has {n} decoder "
+                                   "layers; train a drafter for this target")
     tok_dir = getattr(target_model_config, "tokenizer", None) or name
     if spec.tokenizer is not None and tok_dir and os.path.isdir(tok_dir):  # a hub name: not checked (no download)
         got = tokenizer_fingerprint(tok_dir)

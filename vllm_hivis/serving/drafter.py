@@ -2,7 +2,11 @@
 
 One EAGLE-style step, t = a drafter position (text tokens only, see method/hide.py):
 
-    f_in  = f_t                          verified rows: the target's last-layer (post-norm) state
+    f_t   = the target's last-layer (post-norm) state; or, for a multi-layer drafter
+            (``feature_layers``, method/checkpoint.py), `combine_hidden_states` of the target's
+            auxiliary layers: feature_fc([rms(a_1); ...; norm(a_L)]), computed once per step,
+            before the compiled region, on the rows vLLM hands the proposer
+    f_in  = f_t                          verified rows
           = f̂_t + b_k                   draft step k >= 1: the drafter's own previous output, plus
                                          the step-dependent bias-correction residual b_k (v2; 0 if off)
     h     = fc([Emb(x_{t+1}) ; f_in])    fuse token embedding and feature (2H -> H, no bias)
@@ -98,9 +102,35 @@ class HiViSDrafterModel(nn.Module):
         # 1.0, or 0.0 for a text-only drafter (the baseline that reads no target feature).
         self.register_buffer("feature_scale", torch.full((1,), float(bool(spec.get("uses_target_features", True))),
                                                          dtype=dtype), persistent=False)
+        layers = spec.get("feature_layers") or []
+        self.feature_layers, self.rms_eps = list(layers), float(getattr(config, "rms_norm_eps", 1e-6))
+        # intermediate target layers come first (sorted ids); the final one, if fused, is normed by
+        # the target's own norm, shared at load (`final_norm`, like embed_tokens / lm_head)
+        self.num_intermediate = sum(i < int(spec.get("num_target_layers") or 0) for i in layers)
+        self.final_norm: nn.Module | None = None
+        self.feature_fc = (ReplicatedLinear(len(layers) * H, H, bias=False, params_dtype=dtype,
+                                            quant_config=get_draft_quant_config(vllm_config),
+                                            prefix=maybe_prefix(prefix, "feature_fc"), return_bias=False)
+                           if layers else None)
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.embed_tokens(input_ids)
+
+    def combine_hidden_states(
+        self,
+        aux: torch.Tensor,  # [num_tokens, n*H] the target's layers (vLLM: pre-norm, sorted ids)
+    ) -> torch.Tensor:  # [num_tokens, H] f_t
+        """checkpoint.py's multi-layer feature, from vLLM's auxiliary hidden states (eager)."""
+        assert self.feature_fc is not None, "a last-layer drafter has nothing to combine"
+        n, H = len(self.feature_layers), aux.shape[-1] // len(self.feature_layers)
+        assert aux.shape[-1] == n * H, (aux.shape, self.feature_layers)
+        blocks = aux.view(aux.shape[0], n, H)
+        a = blocks[:, : self.num_intermediate].float()
+        parts = [(a * torch.rsqrt(a.pow(2).mean(-1, keepdim=True) + self.rms_eps)).to(aux.dtype)]
+        if self.num_intermediate < n:
+            assert self.final_norm is not None, "the target's final norm is shared at load_model"
+            parts.append(self.final_norm(blocks[:, n - 1].contiguous())[:, None])
+        return self.feature_fc(torch.cat(parts, dim=1).reshape(aux.shape[0], n * H))
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         return AutoWeightsLoader(self).load_weights(weights, mapper=self.hf_to_vllm_mapper)
@@ -142,6 +172,21 @@ class HiViSDrafterForCausalLM(nn.Module, SupportsEagle):
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.embed_input_ids(input_ids)
+
+    @property
+    def combines_layers(self) -> bool:
+        return self.model.feature_fc is not None
+
+    def combine_hidden_states(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        # [num_tokens, n*H] auxiliary target layers -> [num_tokens, H] (EAGLE-3's name for this step)
+        return self.model.combine_hidden_states(hidden_states)
+
+    def share_target_norm(self, target_model) -> None:
+        """A drafter that fuses the target's final layer norms it with the target's own norm (vLLM
+        hands auxiliary layers over before the norm); called by the proposers at load_model."""
+        if self.model.num_intermediate < len(self.model.feature_layers):
+            get = getattr(target_model, "get_language_model", None)  # a VLM: its LlamaForCausalLM
+            self.model.final_norm = (get() if get is not None else target_model).model.norm
 
     def forward(
         self,

@@ -57,13 +57,17 @@ class HiViSProposer(EagleProposer):
 
     def load_model(self, target_model) -> None:
         super().load_model(target_model)
+        self.model.share_target_norm(target_model)
         if self.tracer.enabled:
             self.model.register_forward_hook(lambda _m, _i, out: self.tracer.output(out[0]))
 
     def propose(self, *args, **kwargs) -> torch.Tensor:
+        assert not args, "vLLM's runner passes the proposer's inputs by keyword"
         self.model.begin_proposal()
         try:
-            draft_token_ids = super().propose(*args, **kwargs)
+            if self.model.combines_layers:  # [N, n*H] auxiliary target layers -> [N, H] (drafter.py)
+                kwargs["target_hidden_states"] = self.model.combine_hidden_states(kwargs["target_hidden_states"])
+            draft_token_ids = super().propose(**kwargs)
         except Exception:  # a drafter fault must cost acceptance, never an answer or the engine
             return self._fallback_drafts(kwargs)
         self.tracer.end(draft_token_ids)

@@ -118,6 +118,7 @@ class HiViSSpeculatorMixin:
 
     def load_model(self, target_model) -> None:
         super().load_model(target_model)
+        self.model.share_target_norm(target_model)
         assert not self.supports_mm_inputs  # HiViSDrafterForCausalLM declares no multimodal embeddings
         if self.tracer.enabled:
             self.model.register_forward_hook(lambda _m, _i, out: self.tracer.output(out[0]))
@@ -137,8 +138,12 @@ class HiViSSpeculatorMixin:
                 dp_sync_state=None, dummy_run=False, skip_attn_for_dummy_run=False, mm_inputs=None,
                 is_profile=False, num_speculative_tokens=None) -> torch.Tensor:
         # last_hidden_states: [N_pad, H]; num_sampled, num_rejected: [B]; last_sampled,
-        # temperature, seeds: [max_num_reqs]; next_prefill_tokens: [lookahead, max_num_reqs]
+        # temperature, seeds: [max_num_reqs]; next_prefill_tokens: [lookahead, max_num_reqs];
+        # aux_hidden_states: n x [N_pad, H] for a multi-layer drafter (else None)
         self.model.begin_proposal()
+        if aux_hidden_states:  # combined here: vLLM's EagleSpeculator does it for method "eagle3" only
+            last_hidden_states = self.model.combine_hidden_states(torch.cat(aux_hidden_states, dim=-1))
+            aux_hidden_states = None
         call = functools.partial(
             super().propose, attn_metadata=attn_metadata, slot_mappings=slot_mappings,
             last_hidden_states=last_hidden_states, aux_hidden_states=aux_hidden_states, num_sampled=num_sampled,

@@ -6,6 +6,10 @@ A record is one (prompt, answer) pair:
                               tensor vLLM hands the proposer (a parity test checks this)
     image_embeds  [N, H] fp16 the projected image features at the N placeholder rows (for drafters
                               that see images: the EAGLE and ViSpec-style baselines)
+    layers        [L, n, H]   optional (``generate-data --feature-layers``): the target's states at the
+                              dataset's ``feature_layers`` (target.py's indices: i < n_layers is the
+                              residual stream after i decoder layers, n_layers the final normed state),
+                              for multi-layer drafters; stored only for layers other than the final one
     prompt_len    int         answer tokens start here
     spans         [S, 2]      image placeholder spans (offset, length) in the prompt
 Answers come from vLLM (greedy and/or sampled); hidden states from a transformers forward pass of
@@ -68,13 +72,15 @@ def write_shard(path: Path, records: list[dict]) -> int:
     dt = storage_dtype(torch.as_tensor(records[0]["hidden"]).dtype)
     tensors = {
         "input_ids": cat("input_ids", torch.int32), "hidden": cat("hidden", dt),
+        **({"layers": cat("layers", dt)} if records[0].get("layers") is not None else {}),
         "image_embeds": torch.cat([torch.as_tensor(r["image_embeds"]).reshape(-1, H).to(dt) for r in records]),
         "spans": torch.cat([torch.as_tensor(r["spans"]).reshape(-1, 2).to(torch.int64) for r in records]),
         "lengths": lens, "image_rows": n_img, "num_spans": n_spans,
         "prompt_len": torch.tensor([r["prompt_len"] for r in records], dtype=torch.int64),
     }
     meta = {"ids": json.dumps([r["id"] for r in records]), "kinds": json.dumps([r.get("kind", "") for r in records]),
-            "modes": json.dumps([r.get("mode", "") for r in records])}
+            "modes": json.dumps([r.get("mode", "") for r in records]),
+            "feature_layers": json.dumps(list(records[0].get("feature_layers", ())))}
     tmp = path.with_suffix(".tmp")
     try:
         save_file(tensors, str(tmp), metadata=meta)
@@ -95,11 +101,13 @@ def read_shard(path: str | os.PathLike) -> list[dict]:
     with safe_open(str(path), "pt") as f:
         meta = f.metadata()
     ids, kinds, modes = (json.loads(meta[k]) for k in ("ids", "kinds", "modes"))
+    layer_ids = tuple(json.loads(meta.get("feature_layers", "[]")))
     split = lambda x, n: torch.split(x, n.tolist())  # noqa: E731
+    layers = split(t["layers"], t["lengths"]) if "layers" in t else [None] * len(ids)
     cols = zip(ids, kinds, modes, split(t["input_ids"], t["lengths"]), split(t["hidden"], t["lengths"]),
-               split(t["image_embeds"], t["image_rows"]), split(t["spans"], t["num_spans"]), t["prompt_len"])
-    return [dict(id=i, kind=k, mode=m, input_ids=a, hidden=h, image_embeds=e, spans=s.numpy(), prompt_len=int(p))
-            for i, k, m, a, h, e, s, p in cols]
+               split(t["image_embeds"], t["image_rows"]), split(t["spans"], t["num_spans"]), t["prompt_len"], layers)
+    return [dict(id=i, kind=k, mode=m, input_ids=a, hidden=h, image_embeds=e, spans=s.numpy(), prompt_len=int(p),
+                 layers=x, feature_layers=layer_ids) for i, k, m, a, h, e, s, p, x in cols]
 
 
 @dataclasses.dataclass
@@ -112,6 +120,7 @@ class Manifest:
     convention: str = HIDDEN_CONVENTION
     source: dict = dataclasses.field(default_factory=dict)
     responses: list = dataclasses.field(default_factory=list)
+    feature_layers: list = dataclasses.field(default_factory=list)  # layers recorded besides the final one
     shards: list = dataclasses.field(default_factory=list)  # [{"file", "samples", "bytes"}]
 
     def save(self, out_dir: Path) -> None:

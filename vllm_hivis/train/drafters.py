@@ -2,7 +2,8 @@
 and the one interface every trainable drafter kind offers to training and evaluation.
 
 ``HiViSDrafter``: same parameters, same checkpoint keys, same computation as the vLLM model (see
-serving/drafter.py for the formula): fc(2H -> H, no bias) over [Emb(x_{t+1}); f_in], one
+serving/drafter.py for the formula): [a multi-layer drafter first combines the target's layers
+into f, `combine_features`], fc(2H -> H, no bias) over [Emb(x_{t+1}); f_in], one
 transformers ``LlamaDecoderLayer`` without input norm, RoPE at drafter (compressed) positions, the
 target's LM head on the output. A parity test holds this module and the vLLM model to the same logits.
 
@@ -45,6 +46,8 @@ class HiViSDrafter(nn.Module):
         self.layers = nn.ModuleList([layer])
         self.rotary_emb = LlamaRotaryEmbedding(config)
         self.step_bias = nn.Parameter(torch.zeros(spec.step_bias_steps, H)) if spec.step_bias_steps else None
+        n = spec.num_feature_layers
+        self.feature_fc = nn.Linear(n * H, H, bias=False) if spec.feature_layers else None
         self.kind = "hivis" if spec.uses_target_features else "text"  # "eagle" for vLLM's EAGLE-format heads
 
     # -- the drafter interface (module docstring) ---------------------------------------------
@@ -55,7 +58,24 @@ class HiViSDrafter(nn.Module):
     def example(self, rec: dict) -> dict:
         from .examples import make_example
 
-        return make_example(rec, self.kind)
+        return make_example(rec, self.kind, feature_layers=self.spec.feature_layers,
+                            num_target_layers=self.spec.num_target_layers)
+
+    def combine_features(
+        self,
+        features: torch.Tensor,  # [..., n*H] the target's layers at a row (spec order), or [..., H] last layer
+    ) -> torch.Tensor:  # [..., H] the feature f of verified rows (checkpoint.py's formula)
+        """Multi-layer drafters: f = feature_fc([rms(a_1); ...; final]); otherwise the identity.
+        Applied to the target's features only (draft steps feed back the drafter's own f̂)."""
+        if self.feature_fc is None:
+            return features
+        layers, H = self.spec.feature_layers, self.config.hidden_size
+        assert features.shape[-1] == len(layers) * H, (features.shape, layers)
+        blocks = features.unflatten(-1, (len(layers), H))
+        inter = sum(i < self.spec.num_target_layers for i in layers)  # the final layer is last and stays as is
+        a = blocks[..., :inter, :].float()
+        a = a * torch.rsqrt(a.pow(2).mean(-1, keepdim=True) + self.config.rms_norm_eps)
+        return self.feature_fc(torch.cat([a.to(blocks.dtype), blocks[..., inter:, :]], dim=-2).flatten(-2))
 
     def inputs(self, batch: dict, embed: nn.Embedding):
         # batch["input_ids"]: [B, N] -> (embeddings [B, N, H], fuse: features [B, N, H] -> the same)
@@ -149,9 +169,11 @@ class HiViSDrafter(nn.Module):
 
 def build_drafter(recipe, text_config: dict) -> nn.Module:
     """A freshly initialised drafter of ``recipe.kind`` sized for a target text config (dict)."""
+    layers = list(recipe.feature_layers) if recipe.feature_layers else None
     spec = DrafterSpec(hidden_size=text_config["hidden_size"], vocab_size=text_config["vocab_size"],
                        step_bias_steps=max(0, recipe.unroll - 1) if recipe.step_bias and recipe.kind != "text" else 0,
-                       uses_target_features=recipe.kind != "text")
+                       uses_target_features=recipe.kind != "text", feature_layers=layers,
+                       num_target_layers=text_config["num_hidden_layers"] if layers else None)
     d = HiViSDrafter.for_target(text_config, spec)
     if recipe.kind == "vispec":
         from .baselines import ViSpecDrafter

@@ -45,12 +45,17 @@ def append_row(ex: dict, token: int, feature: torch.Tensor, step: int) -> dict:
 
 @torch.no_grad()
 def draft_chain(drafter, embed, lm_head, ids: torch.Tensor, hidden: torch.Tensor, spans, image_embeds,
-                k: int) -> list[int]:
-    """k greedy drafts from the verified state: ids [T+1] (last = token not yet verified), hidden [T, H]."""
+                k: int, layers: torch.Tensor | None = None) -> list[int]:
+    """k greedy drafts from the verified state: ids [T+1] (last = token not yet verified), hidden [T, H],
+    layers [T, n, H] (a multi-layer drafter's intermediate target layers, `intermediate_layers`)."""
     H = hidden.shape[1]
     rec = {"input_ids": ids, "hidden": torch.cat([hidden, hidden.new_zeros(1, H)]), "prompt_len": len(ids),
            "spans": spans, "image_embeds": image_embeds if image_embeds is not None else hidden.new_zeros(0, H)}
+    if layers is not None:
+        rec.update(layers=torch.cat([layers, layers.new_zeros(1, *layers.shape[1:])]),
+                   feature_layers=intermediate_layers(drafter))
     ex = drafter.example(rec)
+    ex["features"] = drafter.core.combine_features(ex["features"])  # verified rows: [N, H] from the target
     ex["steps"] = torch.zeros_like(ex["positions"])
     drafts = []
     for step in range(1, k + 1):
@@ -72,6 +77,14 @@ def verify(drafts: list[int], target_argmax: torch.Tensor) -> int:
     return a
 
 
+def intermediate_layers(drafter) -> tuple[int, ...]:
+    """The target layers other than the final one that a (multi-layer) drafter reads."""
+    spec = getattr(drafter.core, "spec", None)
+    if spec is None or not spec.feature_layers:
+        return ()
+    return tuple(i for i in spec.feature_layers if i < spec.num_target_layers)
+
+
 @torch.no_grad()
 def replay(target: HFTarget, drafter, embed, lm_head, item: PromptItem, k: int, max_tokens: int):
     """One request: returns (generated token ids, per-step accepted counts)."""
@@ -80,18 +93,22 @@ def replay(target: HFTarget, drafter, embed, lm_head, item: PromptItem, k: int, 
     prompt, pixels = target.encode(item)
     spans = image_spans(prompt.tolist(), target.image_token_id)
     cache = DynamicCache()
-    hidden, argmax, img = target.forward(prompt, cache, pixels)
+    want = intermediate_layers(drafter)
+    hidden, argmax, img = target.forward(prompt, cache, pixels, want)
+    layers = target.layer_states if want else None  # [T, n, H]
     ids = torch.cat([prompt, argmax[-1:]])
     generated, accepted = [int(argmax[-1])], []
     done = generated[-1] == target.eos or max_tokens <= 1
     while not done:
-        drafts = draft_chain(drafter, embed, lm_head, ids, hidden, spans, img, k)
-        h_new, am, _ = target.forward(torch.tensor([int(ids[-1]), *drafts]), cache)
+        drafts = draft_chain(drafter, embed, lm_head, ids, hidden, spans, img, k, layers)
+        h_new, am, _ = target.forward(torch.tensor([int(ids[-1]), *drafts]), cache, None, want)
         a = verify(drafts, am)
         accepted.append(a)
         new = drafts[:a] + [int(am[a])]
         cache.crop(len(ids) + a)
         hidden = torch.cat([hidden, h_new[: a + 1]])
+        if want:
+            layers = torch.cat([layers, target.layer_states[: a + 1]])
         ids = torch.cat([ids, torch.tensor(new)])
         for t in new:  # stop conditions apply after counting, as in vLLM
             generated.append(t)

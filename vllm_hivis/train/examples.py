@@ -25,9 +25,33 @@ KINDS = ("hivis", "text", "eagle", "vispec")
 IGNORE = -100
 
 
-def make_example(rec: dict, kind: str, num_q: int = 2) -> dict:
+def layer_features(rec: dict, feature_layers: list[int], num_target_layers: int) -> torch.Tensor:
+    """[L, n*H] a record's target states at `feature_layers` (checkpoint.py's indices), in that order:
+    intermediate layers from the record's ``layers``, the final one from ``hidden``."""
+    have = tuple(rec.get("feature_layers") or ())
+    cols = []
+    for i in feature_layers:
+        if i == num_target_layers:
+            cols.append(rec["hidden"].float())
+        elif i in have and rec.get("layers") is not None:
+            cols.append(rec["layers"][:, have.index(i)].float())
+        else:
+            from .data import DataError
+
+            need = ",".join(str(j) for j in feature_layers if j < num_target_layers)
+            raise DataError(f"the drafter reads target layer {i}, which this dataset did not record (it has "
+                            f"{list(have) or 'only the final layer'}); regenerate it with "
+                            f"`vllm-hivis generate-data --feature-layers {need}`")
+    return torch.cat(cols, dim=-1)
+
+
+def make_example(rec: dict, kind: str, num_q: int = 2, feature_layers: list[int] | None = None,
+                 num_target_layers: int | None = None) -> dict:
+    """feature_layers: a multi-layer drafter's target layers (its features are then [N, n*H]: the
+    raw layers its combine_features turns into f)."""
     ids = torch.as_tensor(rec["input_ids"]).long()  # [L]
     hid = rec["hidden"].float()  # [L, H]
+    feat = layer_features(rec, feature_layers, num_target_layers) if feature_layers else hid  # [L, n*H]
     L, plen = len(ids), int(rec["prompt_len"])
     spans = rec["spans"]
     if kind not in KINDS:
@@ -39,7 +63,7 @@ def make_example(rec: dict, kind: str, num_q: int = 2) -> dict:
     ex = {
         "input_ids": ids[rows + 1],
         "positions": positions,
-        "features": hid[rows] if kind != "text" else torch.zeros(len(rows), hid.shape[1]),
+        "features": feat[rows] if kind != "text" else torch.zeros(len(rows), hid.shape[1]),
         "target_ids": torch.where(has_tgt, ids[tgt_pos.clamp(max=L - 1)], IGNORE),
         "target_feats": hid[(rows + 1).clamp(max=L - 1)],
         "loss_mask": has_tgt & (tgt_pos >= plen),

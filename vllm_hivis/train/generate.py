@@ -2,6 +2,7 @@
 
     vllm-hivis generate-data --target DIR --out DATA --tinyworld train:0:4096 --responses greedy,sample:1.0
     vllm-hivis generate-data --target DIR --out DATA --jsonl prompts.jsonl
+    vllm-hivis generate-data ... --feature-layers 1,2,3   # also record intermediate layers (multi-layer drafters)
 
 The prompt list is cut into shards of ``--shard-size`` prompts, made in two phases so that one
 device never holds two copies of the target (a 7B target at vLLM's 0.9 memory utilisation leaves
@@ -115,8 +116,8 @@ class HiddenWorker:
     """Phase 2 on one device: teacher-forced hidden states of the answers, in the dtype the target
     was served in (vLLM's engine dtype, recorded by phase 1), written as the shard."""
 
-    def __init__(self, target_dir: str):
-        self.target_dir = target_dir
+    def __init__(self, target_dir: str, feature_layers: tuple[int, ...] = ()):
+        self.target_dir, self.feature_layers = target_dir, tuple(feature_layers)
         self.target: HFTarget | None = None
 
     def _target(self, dtype: str) -> HFTarget:
@@ -134,7 +135,7 @@ class HiddenWorker:
         for a in data["answers"]:
             ids = torch.tensor(a["input_ids"])
             spans = image_spans(a["input_ids"][: a["prompt_len"]], target.image_token_id)
-            hidden, image_embeds = target.hidden_states(ids, items[a["item"]].image)
+            hidden, image_embeds, layers = target.hidden_states(ids, items[a["item"]].image, self.feature_layers)
             # image features: one per placeholder row, or none where the model does not return them
             # (Qwen2.5-VL: only the ViSpec-style baseline needs them, and says so)
             if len(image_embeds) not in (0, int(np.sum(spans[:, 1]))):
@@ -143,7 +144,8 @@ class HiddenWorker:
                                 "model disagree on the image token count (check the target's processor config)")
             records.append({"id": a["id"], "kind": a["kind"], "mode": a["mode"], "input_ids": ids,
                             "prompt_len": a["prompt_len"], "spans": spans, "hidden": hidden,
-                            "image_embeds": image_embeds})
+                            "image_embeds": image_embeds, "layers": layers,
+                            "feature_layers": self.feature_layers})
         nbytes = write_shard(Path(task["out"]) / task["file"], records)
         path.unlink()
         return {"file": task["file"], "samples": len(records), "bytes": nbytes}
@@ -172,11 +174,30 @@ def default_worker_resources() -> dict:
     return {"num_gpus": 1} if torch.cuda.is_available() else {"num_cpus": 1}
 
 
+def parse_feature_layers(spec: str | None, target_dir: str) -> list[int]:
+    """'1,2,3' -> [1, 2, 3]: intermediate target layers to record (1..L-1 for an L-layer target; the
+    final state is always recorded)."""
+    if not spec:
+        return []
+    try:
+        ids = sorted({int(x) for x in spec.split(",") if x.strip()})
+    except ValueError:
+        raise DataError(f"--feature-layers takes comma-separated layer indices such as 1,2,3; got {spec!r}") from None
+    n = int(check_target(target_dir)["text_config"]["num_hidden_layers"])
+    bad = [i for i in ids if not 1 <= i < n]
+    if bad:
+        raise DataError(f"--feature-layers {bad} out of range: the target has {n} decoder layers, so intermediate "
+                        f"layers are 1..{n - 1} (the final layer, {n}, is always recorded as the hidden state)")
+    return ids
+
+
 def generate_dataset(target_dir: str, out_dir: str, source: dict, responses: list[dict], shard_size: int = 256,
                      workers: int = 0, max_tokens: int = 160, seed: int = 0,
-                     worker_resources: dict | None = None) -> Manifest:
-    """Generate (or resume) a dataset. workers=0: in this process; workers>=1: Ray Data actors."""
+                     worker_resources: dict | None = None, feature_layers: list[int] | None = None) -> Manifest:
+    """Generate (or resume) a dataset. workers=0: in this process; workers>=1: Ray Data actors.
+    feature_layers: intermediate target layers recorded besides the final one (parse_feature_layers)."""
     cfg = check_target(target_dir)
+    feature_layers = list(feature_layers or [])
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     n_items = num_prompts(source)
@@ -184,14 +205,17 @@ def generate_dataset(target_dir: str, out_dir: str, source: dict, responses: lis
         raise DataError("the prompt source is empty")
     man = Manifest(target=str(Path(target_dir).resolve()), tokenizer=tokenizer_fingerprint(target_dir),
                    hidden_size=cfg["text_config"]["hidden_size"], vocab_size=cfg["text_config"]["vocab_size"],
-                   image_token_id=image_token_id(cfg), source=source, responses=responses)
+                   image_token_id=image_token_id(cfg), source=source, responses=responses,
+                   feature_layers=feature_layers)
     if (out / "manifest.json").is_file():
         old = Manifest.load(out)
-        if (old.tokenizer, old.source, old.responses) != (man.tokenizer, man.source, man.responses):
-            raise DataError(f"{out} holds a dataset of another target, source or response set; use a new --out")
+        if ((old.tokenizer, old.source, old.responses, old.feature_layers)
+                != (man.tokenizer, man.source, man.responses, man.feature_layers)):
+            raise DataError(f"{out} holds a dataset of another target, source, response set or feature layers; "
+                            "use a new --out")
     tasks = plan_shards(out, source, n_items, shard_size)
     records = sum(t["stop"] - t["start"] for t in tasks if not t["done"]) * sum(r["n"] for r in responses)
-    need = records * (max_tokens + EST_PROMPT_ROWS) * man.hidden_size * 2 * 2
+    need = records * (max_tokens + EST_PROMPT_ROWS) * man.hidden_size * 2 * (2 + len(feature_layers))
     free = shutil.disk_usage(out).free
     if need > free:
         raise DataError(f"not enough disk space in {out}: ~{need / 2**30:.1f} GiB needed, {free / 2**30:.1f} GiB free")
@@ -215,13 +239,14 @@ def generate_dataset(target_dir: str, out_dir: str, source: dict, responses: lis
                                                      max_tokens=max_tokens, seed=seed), **ray_kw).take_all()
     results = []
     if todo and workers == 0:
-        worker = HiddenWorker(target_dir)
+        worker = HiddenWorker(target_dir, tuple(feature_layers))
         results = [worker.run(t) for t in tqdm(todo, desc="hidden states")]
     elif todo:
         import ray
 
         res = ray.data.from_items([{"task": json.dumps(t)} for t in todo]).map_batches(
-            HiddenWorker, fn_constructor_kwargs=dict(target_dir=target_dir), **ray_kw).take_all()
+            HiddenWorker, fn_constructor_kwargs=dict(target_dir=target_dir, feature_layers=tuple(feature_layers)),
+            **ray_kw).take_all()
         results = [json.loads(r["result"]) for r in res]
     known = {sh["file"]: sh for sh in (Manifest.load(out).shards if (out / "manifest.json").is_file() else [])}
     known.update({r["file"]: r for r in results})
@@ -250,6 +275,8 @@ def main(argv=None) -> int:
     ap.add_argument("--workers", type=int, default=0, help="Ray Data actors (0: in this process)")
     ap.add_argument("--max-tokens", type=int, default=160)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--feature-layers", default="",
+                    help="comma list of intermediate target layers to record too (1..L-1), for multi-layer drafters")
     args = ap.parse_args(argv)
     try:
         for name in ("shard_size", "max_tokens"):
@@ -258,10 +285,11 @@ def main(argv=None) -> int:
         if args.workers < 0:
             raise DataError(f"--workers must be >= 0 (0: in this process), got {args.workers}")
         check_target(args.target)
+        layers = parse_feature_layers(args.feature_layers, args.target)
         source = (tinyworld_source(args.tinyworld, image_size(args.target), args.prompt_kind)
                   if args.tinyworld else jsonl_source(args.jsonl))
         man = generate_dataset(args.target, args.out, source, parse_responses(args.responses), args.shard_size,
-                               args.workers, args.max_tokens, args.seed)
+                               args.workers, args.max_tokens, args.seed, feature_layers=layers)
     except DataError as e:
         raise SystemExit(f"error: {e}") from None
     print(f"{args.out}: {man.num_samples} samples in {len(man.shards)} shards")

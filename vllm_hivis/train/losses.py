@@ -41,6 +41,7 @@ class Recipe:
     time_aware: bool = False
     w_feat: float = 0.5
     num_q: int = 2  # vispec only
+    feature_layers: list[int] | None = None  # hivis only: multi-layer target features (checkpoint.py)
 
     @classmethod
     def named(cls, name: str, kind: str = "hivis", unroll: int = 4) -> Recipe:
@@ -63,6 +64,13 @@ class Recipe:
         if self.kind == "eagle" and self.step_bias:
             raise ValueError("kind 'eagle' is exported in vLLM's own EAGLE head format, which has no step-bias "
                              "residuals: use a recipe without them (--recipe seq-embed or lower)")
+        if self.feature_layers is not None:
+            layers = list(self.feature_layers)
+            if self.kind != "hivis":
+                raise ValueError(f"feature layers are a hivis drafter option; kind {self.kind!r} reads "
+                                 f"{'no target features' if self.kind == 'text' else 'the last layer only'}")
+            if not layers or layers != sorted(set(layers)) or min(layers) < 1:
+                raise ValueError(f"feature layers must be distinct positive layer indices, got {layers}")
         if self.kind == "vispec" and self.num_q < 1:
             raise ValueError(f"num_q must be >= 1 for kind 'vispec', got {self.num_q}")
         return self
@@ -99,7 +107,7 @@ def unrolled_loss(model, embed, lm_head, batch: dict, recipe: Recipe) -> tuple[t
     drafter = model.core
     valid, pos = batch["valid"], batch["positions"]
     emb, fuse = model.inputs(batch, embed)
-    feats = batch["features"]
+    feats = drafter.combine_features(batch["features"])  # [B, N, H] (multi-layer drafters: from [B, N, n*H])
     with torch.no_grad():
         target_logp = F.log_softmax(lm_head(batch["target_feats"]).float(), -1)
     tgt_ids, loss_rows, anchors = batch["target_ids"], batch["loss_mask"], batch["anchor_ok"]

@@ -7,10 +7,15 @@ processor and gives the three things the pipeline needs from a target:
 - `encode(item)`: the prompt exactly as vLLM tokenises it (chat template, image placeholders
   expanded) plus the processor's image inputs (`MM_KEYS`: pixel values, and the per-image sizes
   or grids of any-resolution targets);
-- `forward(ids, cache, mm)`: teacher-forced last-layer hidden states after the final norm (the
-  tensor vLLM hands the proposer; the parity tests hold the two together), the greedy next tokens
-  and the projected image features (where the model returns them);
-- `hidden_states(ids, image)`: the same over a whole recorded sequence (data generation).
+- `forward(ids, cache, mm, layers)`: teacher-forced last-layer hidden states after the final norm
+  (the tensor vLLM hands the proposer; the parity tests hold the two together), the greedy next
+  tokens, the projected image features (where the model returns them) and, when asked, the
+  states at other layers (`layer_states`);
+- `hidden_states(ids, image, layers)`: the same over a whole recorded sequence (data generation).
+
+Layer indices follow ``output_hidden_states`` (and vLLM's auxiliary hidden-state ids): index i in
+1..L-1 is the residual stream after i decoder layers; index L is the final state after the norm
+(the same tensor as the last-layer hidden state).
 
 Targets: LLaVA-1.5, LLaVA-NeXT (``image_sizes``) and Qwen2.5-VL (``image_grid_thw``; its M-RoPE
 positions are transformers' own, computed from the prompt and the grids).
@@ -97,20 +102,34 @@ class HFTarget:
         ids: torch.Tensor,  # [T] new tokens (the whole prompt on the first call)
         cache=None,  # transformers Cache holding the earlier tokens, or None
         mm: dict[str, torch.Tensor] | None = None,  # encode()'s image inputs, with the prompt only
+        layers: tuple[int, ...] = (),  # layer indices (module docstring) to return in `layer_states`
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """(hidden [T, H] post-norm, greedy next tokens [T], image features [N_img_rows, H] or None)."""
+        """(hidden [T, H] post-norm, greedy next tokens [T], image features [N_img_rows, H] or None);
+        with `layers`, the states [T, len(layers), H] at those layers are left in `self.layer_states`."""
         out = self.hf.model(input_ids=ids[None].to(self.device), past_key_values=cache, use_cache=cache is not None,
-                            **(mm or {}))
+                            output_hidden_states=bool(layers), **(mm or {}))
         h = out.last_hidden_state[0]
+        if layers:
+            n = len(out.hidden_states) - 1  # decoder layers
+            bad = [i for i in layers if not 1 <= i <= n]
+            if bad:
+                raise DataError(f"feature layers {bad} are out of range for this target: it has {n} decoder layers "
+                                f"(valid: 1..{n}, where {n} is the final state after the norm)")
+            self.layer_states = torch.stack([out.hidden_states[i][0] for i in layers], dim=1)
         img = getattr(out, "image_hidden_states", None)
         return h, self.hf.lm_head(h).argmax(-1), None if img is None else img.reshape(-1, h.shape[-1])
 
-    def hidden_states(self, ids: torch.Tensor, image=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Teacher-forced (hidden [L, H], image features [N, H]) of a recorded sequence, fp32 on the CPU."""
+    def num_layers(self) -> int:
+        return int(self.config["text_config"]["num_hidden_layers"])
+
+    def hidden_states(self, ids: torch.Tensor, image=None, layers: tuple[int, ...] = ()):
+        """Teacher-forced (hidden [L, H], image features [N, H], layer states [L, len(layers), H] or
+        None) of a recorded sequence, fp32 on the CPU."""
         ids = torch.as_tensor(ids)
         mm = None if image is None else self.mm_inputs(image)
         if mm is not None and self._typed:  # sequence-aligned placeholder marks (see MM_KEYS)
             mm["mm_token_type_ids"] = (ids == self.image_token_id).long()[None].to(self.device)
-        h, _, img = self.forward(ids, None, mm)
+        h, _, img = self.forward(ids, None, mm, layers)
         H = h.shape[-1]
-        return h.float().cpu(), (img.float().cpu() if img is not None else torch.zeros(0, H))
+        return (h.float().cpu(), (img.float().cpu() if img is not None else torch.zeros(0, H)),
+                self.layer_states.float().cpu() if layers else None)

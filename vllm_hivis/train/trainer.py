@@ -239,6 +239,16 @@ def preflight(cfg: TrainConfig) -> None:
     if (tcfg["vocab_size"], tcfg["hidden_size"]) != (man.vocab_size, man.hidden_size):
         raise DataError(f"dataset {cfg.data} is for hidden/vocab {man.hidden_size}/{man.vocab_size}, target "
                         f"{cfg.target} has {tcfg['hidden_size']}/{tcfg['vocab_size']}")
+    layers = Recipe(**cfg.recipe).feature_layers or []
+    n = tcfg["num_hidden_layers"]
+    if any(i > n for i in layers):
+        raise ValueError(f"feature layers {layers} go beyond the target's {n} decoder layers (valid: 1..{n}, "
+                         f"where {n} is the final normed state)")
+    missing = [i for i in layers if i < n and i not in man.feature_layers]
+    if missing:
+        raise DataError(f"dataset {cfg.data} did not record target layers {missing} (it has "
+                        f"{man.feature_layers or 'only the final layer'}); regenerate it with "
+                        f"`vllm-hivis generate-data --feature-layers {','.join(str(i) for i in layers if i < n)}`")
 
 
 def train(cfg: TrainConfig) -> Path:
@@ -287,9 +297,19 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--device", default="auto", help="auto (CUDA when present) | cpu | cuda | cuda:N")
     ap.add_argument("--resident-shards", type=int, default=4, help="data shards held in memory at once")
+    ap.add_argument("--feature-layers", default="",
+                    help="hivis only: comma list of target layers to fuse (e.g. 1,2,4 of a 4-layer target; the last "
+                         "index is the final normed state); default: the last layer alone")
     args = ap.parse_args(argv)
     try:
         recipe = Recipe.named(args.recipe, kind=args.kind, unroll=args.unroll)
+        if args.feature_layers:
+            try:
+                layers = [int(x) for x in args.feature_layers.split(",") if x.strip()]
+            except ValueError:
+                raise ValueError(f"--feature-layers takes comma-separated layer indices, got "
+                                 f"{args.feature_layers!r}") from None
+            recipe = dataclasses.replace(recipe, feature_layers=layers).checked()
         cfg = TrainConfig(data=args.data, target=args.target, out=args.out, recipe=dataclasses.asdict(recipe),
                           steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                           workers=args.workers, threads=args.threads, device=args.device,
