@@ -115,9 +115,9 @@ ML_LAYERS = [1, 2, 4]  # of the tiny target's 4 layers: two intermediate ones an
 def multi_layer_drafter(out_dir) -> str:
     """A randomly initialised multi-layer hivis drafter for the tiny target (step biases on): parity
     holds for any weights, and random ones exercise every path (nothing is near zero)."""
-    from vllm_hivis.method.checkpoint import DrafterSpec
-
     from pathlib import Path
+
+    from vllm_hivis.method.checkpoint import DrafterSpec
 
     tcfg = json.loads((Path(assets.tiny_target()) / "config.json").read_text())["text_config"]
     spec = DrafterSpec(hidden_size=tcfg["hidden_size"], vocab_size=tcfg["vocab_size"], step_bias_steps=2,

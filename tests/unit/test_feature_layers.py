@@ -198,3 +198,18 @@ def test_a_drafter_spec_without_layers_is_unchanged():
     s = DrafterSpec(hidden_size=8, vocab_size=10)
     assert s.feature_layers is None and s.num_feature_layers == 1
     assert "feature_layers" in s.to_json() and s.to_json()["feature_layers"] is None
+
+
+@pytest.mark.parametrize("argv,words", [
+    (["--feature-layers", "x"], "comma-separated layer indices"),
+    (["--feature-layers", "1,5"], "go beyond the target's 3 decoder layers"),
+    (["--feature-layers", "1,3", "--kind", "text"], "feature layers are a hivis drafter option"),
+    (["--feature-layers", "3,1"], "distinct positive layer indices"),
+])
+def test_train_cli_checks_feature_layers_before_any_work(target3, layer_dataset, tmp_path, argv, words):
+    from vllm_hivis.train import trainer
+
+    with pytest.raises(SystemExit) as err:
+        trainer.main(["--data", layer_dataset, "--target", target3, "--out", str(tmp_path / "run"), *argv])
+    assert words in str(err.value)
+    assert not (tmp_path / "run").exists()

@@ -348,6 +348,8 @@ def test_data_generation_never_holds_two_targets(random_target, tmp_path, monkey
     ("generate", ["--tinyworld", "holdout:0:5"], "split must be one of"),
     ("generate", ["--prompt-kind", "poem"], "prompt kind 'poem' unknown"),
     ("generate", ["--responses", "beam"], "unknown response mode 'beam'"),
+    ("generate", ["--feature-layers", "1"], "the target has 1 decoder layers"),  # the random target: 1 layer
+    ("generate", ["--feature-layers", "a,b"], "comma-separated layer indices"),
     ("evaluate", ["-k", "0"], "-k must be in 1..32"),
     ("evaluate", ["--drafter", "/nonexistent"], "does not exist"),
     ("evaluate", ["--prompt-kind", "poem"], "prompt kind 'poem' unknown"),

@@ -70,7 +70,8 @@ class Recipe:
                 raise ValueError(f"feature layers are a hivis drafter option; kind {self.kind!r} reads "
                                  f"{'no target features' if self.kind == 'text' else 'the last layer only'}")
             if not layers or layers != sorted(set(layers)) or min(layers) < 1:
-                raise ValueError(f"feature layers must be distinct positive layer indices, got {layers}")
+                raise ValueError(f"feature layers must be distinct positive layer indices in increasing order, "
+                                 f"got {layers}")
         if self.kind == "vispec" and self.num_q < 1:
             raise ValueError(f"num_q must be >= 1 for kind 'vispec', got {self.num_q}")
         return self
