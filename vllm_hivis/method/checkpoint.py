@@ -129,6 +129,12 @@ def read_spec(drafter_dir: str | os.PathLike) -> DrafterSpec:
     if cfg.get("num_hidden_layers") != 1:
         raise DrafterFormatError(f"{drafter_dir}: a hivis drafter has exactly 1 decoder layer, "
                                  f"config.json says num_hidden_layers={cfg.get('num_hidden_layers')}")
+    for rope in ("rope_parameters", "rope_scaling"):
+        mrope = sorted(k for k in (cfg.get(rope) or {}) if k.startswith("mrope"))
+        if mrope:
+            raise DrafterFormatError(f"{drafter_dir}: config.json {rope} has M-RoPE keys {mrope}; a hivis drafter's "
+                                     "text-only sequence is 1-D (positions 0..N-1), so its RoPE is plain: remove them "
+                                     "(the target may use M-RoPE; `vllm-hivis train` writes 1-D drafter configs)")
     weights = Path(drafter_dir) / "model.safetensors"
     if not weights.is_file():
         pickles = sorted(p.name for p in Path(drafter_dir).glob("*") if p.suffix in (".bin", ".pt", ".pth", ".pkl"))

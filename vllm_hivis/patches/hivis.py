@@ -76,7 +76,8 @@ def check_drafter_fits_target() -> None:
         def create_speculative_config(self, target_model_config, target_parallel_config):
             spec = getattr(self, "_hivis_spec", None)
             if spec is not None:
-                check_against_target(spec, self.speculative_config, target_model_config, target_parallel_config)
+                check_against_target(spec, self.speculative_config, target_model_config, target_parallel_config,
+                                     getattr(self, "kv_cache_dtype", None))
             return orig(self, target_model_config, target_parallel_config)
 
         return create_speculative_config

@@ -22,14 +22,18 @@ MAX_SPEC_TOKENS = 32
 # SpeculativeConfig fields a user may set together with method "hivis".
 ALLOWED_KEYS = frozenset({
     "method", "model", "num_speculative_tokens", "enforce_eager", "max_model_len", "revision",
-    "code_revision", "quantization", "attention_backend", "kv_cache_dtype", "disable_padded_drafter_batch",
+    "code_revision", "quantization", "kv_cache_dtype", "disable_padded_drafter_batch",
     "draft_tensor_parallel_size", "tensor_parallel_size", "rejection_sample_method", "draft_sample_method",
     "disable_eagle_block_drop", "draft_load_config", "num_speculative_tokens_per_batch_size",
 })
 UNSUPPORTED = {
     "parallel_drafting": "hivis drafts autoregressively; parallel drafting is not supported",
     "use_heterogeneous_vocab": "a hivis drafter shares the target's vocabulary (embedding and LM head)",
+    "attention_backend": "the hivis drafter always runs its own attention backend (serving/draft_attention.py: "
+                         "it keeps drafter KV at the target's slots); the target's backend is chosen as usual",
 }
+# KV cache dtypes the drafter's attention reads and writes (no fp8 scales: it stores the model dtype).
+KV_CACHE_DTYPES = ("auto", "float16", "bfloat16", "float32")
 
 
 class HiViSConfigError(ValueError):
@@ -64,6 +68,10 @@ def check_user_dict(sc: dict) -> DrafterSpec:
     for key, why in UNSUPPORTED.items():
         if sc.get(key):
             raise HiViSConfigError(f"speculative config key {key!r} cannot be used with method 'hivis': {why}")
+    kv = sc.get("kv_cache_dtype")
+    if kv is not None and kv not in KV_CACHE_DTYPES:
+        raise HiViSConfigError(f"kv_cache_dtype {kv!r} is not supported for a hivis drafter; expected one of "
+                               f"{list(KV_CACHE_DTYPES)} (its attention stores KV in the model dtype, no fp8 scales)")
     drafter = sc.get("model")
     if not drafter:
         raise HiViSConfigError("method 'hivis' needs 'model': the path of a hivis drafter directory "
@@ -80,11 +88,20 @@ def check_user_dict(sc: dict) -> DrafterSpec:
         raise HiViSConfigError(str(e)) from None
 
 
-def check_against_target(spec: DrafterSpec, sc: dict, target_model_config, target_parallel_config=None) -> None:
+def check_against_target(spec: DrafterSpec, sc: dict, target_model_config, target_parallel_config=None,
+                         engine_kv_cache_dtype: str | None = None) -> None:
     """The drafter must fit the target and the engine layout: a multimodal model (M-RoPE targets on
     the V1 runner only: the V2 speculator takes 1-D positions), the same hidden size and vocab, no
-    data / context parallelism (what hivis's plan does not cover)."""
+    data / context parallelism (what hivis's plan does not cover), and a KV cache dtype its
+    attention can hold (the engine's ``--kv-cache-dtype`` applies to the drafter's cache too unless
+    the speculative config sets its own)."""
     drafter, name = sc["model"], target_model_config.model
+    kv = sc.get("kv_cache_dtype") or engine_kv_cache_dtype
+    if kv is not None and kv not in KV_CACHE_DTYPES:
+        raise HiViSConfigError(f"--kv-cache-dtype {kv} would give the hivis drafter an fp8 KV cache, which its "
+                               "attention does not support; keep the target's fp8 cache and set the drafter's "
+                               f"own: --speculative-config '{{..., \"kv_cache_dtype\": \"auto\"}}' (one of "
+                               f"{list(KV_CACHE_DTYPES)})")
     if not target_model_config.is_multimodal_model:
         raise HiViSConfigError(f"target {name!r} is not a multimodal model; hivis hides image tokens from the "
                                "drafter of a vision-language model (use method 'eagle' for text-only models)")
