@@ -29,10 +29,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-ROWS = {  # key: (label, kind, recipe, feature_layers)
+ROWS = {  # key: (label, kind, recipe, feature_layers[, unroll: overrides --unroll])
     "last": ("hivis, last layer (shipped recipe)", "hivis", "time-aware", None),
     "ml124": ("hivis, layers 1,2,4 fused", "hivis", "time-aware", [1, 2, 4]),
     "ml1234": ("hivis, layers 1,2,3,4 fused", "hivis", "time-aware", [1, 2, 3, 4]),
+    "ml124u6": ("hivis, layers 1,2,4 fused, unroll 6", "hivis", "time-aware", [1, 2, 4], 6),
     "vispec": ("ViSpec-style (image adaptor, 2 queries)", "vispec", "time-aware", None),
     "eagle": ("EAGLE, reads all image tokens", "eagle", "seq-embed", None),
 }
@@ -89,15 +90,15 @@ def main(argv=None) -> int:
         for key in rows:
             if (key, seed) in done:
                 continue
-            label, kind, recipe_name, layers = ROWS[key]
-            recipe = dataclasses.replace(Recipe.named(recipe_name, kind=kind, unroll=args.unroll),
-                                         feature_layers=layers).checked()
+            label, kind, recipe_name, layers, *unroll = ROWS[key]
+            named = Recipe.named(recipe_name, kind=kind, unroll=unroll[0] if unroll else args.unroll)
+            recipe = dataclasses.replace(named, feature_layers=layers).checked()
             run = Path(args.runs) / f"{key}-seed{seed}"
             t0 = time.time()
             train(TrainConfig(data=args.data, target=args.target, out=str(run), recipe=dataclasses.asdict(recipe),
                               steps=args.steps, batch_size=args.batch_size, seed=seed))
             rec = {"row": key, "label": label, "kind": kind, "recipe": recipe_name, "feature_layers": layers,
-                   "seed": seed, "train_seconds": round(time.time() - t0)}
+                   "unroll": recipe.unroll, "seed": seed, "train_seconds": round(time.time() - t0)}
             for w in WORKLOADS:
                 acc, _ = evaluate(args.target, str(run / "drafter"), items[w], k=args.k)
                 rec[w] = acc.summary()
@@ -129,7 +130,8 @@ def cell(vals: list[float]) -> str:
 
 def write_table(results: list[dict], args, m: dict, path: Path) -> None:
     lines = [f"Equal budget: every drafter trained {args.steps} steps x batch {args.batch_size}, unroll "
-             f"{args.unroll}, on the same data (`{args.data}`), seeds {args.seeds}; k={args.k}, greedy, offline "
+             f"{args.unroll} (unless a row says otherwise), on the same data (`{args.data}`), seeds {args.seeds}; "
+             f"k={args.k}, greedy, offline "
              "replay (counts like vLLM). τ = accepted drafts per step (excl. bonus); tokens/step = τ + 1. "
              "Cells: mean over seeds (min..max).", ""]
     for w, what in (("tinyworld", f"held-out tiny-world scenes ({args.tinyworld_n}: half describe, half QA)"),

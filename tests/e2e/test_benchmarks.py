@@ -54,3 +54,29 @@ def test_online_quick(tmp_path):
     assert all(r["same_text_as_no_spec"] for r in load)
     bench = next(r["vllm_bench_serve"] for r in res["rows"] if "vllm_bench_serve" in r)
     assert bench["completed"] == 2 and bench["failed"] == 0
+
+
+def test_equal_budget_on_freshly_generated_layer_data(tmp_path):
+    """The multi-layer pipeline end to end at toy size: generate-data (vLLM answers, transformers
+    layers 1..3 of the tiny target) feeds benchmarks/equal_budget.py, which trains and evaluates a
+    last-layer and a multi-layer hivis drafter at the same budget on both workloads."""
+    from hivis_testbed import assets
+
+    data = tmp_path / "data"
+    r = subprocess.run([sys.executable, "-m", "vllm_hivis.cli", "generate-data", "--target", assets.tiny_target(),
+                        "--out", str(data), "--tinyworld", "train:0:6", "--max-tokens", "32", "--shard-size", "3",
+                        "--feature-layers", "1,2,3"], capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads((data / "manifest.json").read_text())["feature_layers"] == [1, 2, 3]
+    out = tmp_path / "eb"
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "equal_budget.py"), "--data", str(data),
+                        "--target", assets.tiny_target(), "--rows", "last,ml124", "--seeds", "0", "--steps", "3",
+                        "--batch-size", "2", "--unroll", "2", "--tinyworld-n", "2", "--photos-n", "1",
+                        "--runs", str(tmp_path / "runs"), "--out", str(out)],
+                       capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    res = json.loads(Path(f"{out}.json").read_text())["results"]
+    assert [(x["row"], x["feature_layers"]) for x in res] == [("last", None), ("ml124", [1, 2, 4])]
+    assert all(x[w]["drafts"] > 0 for x in res for w in ("tinyworld", "photos"))
+    assert Path(f"{out}.md").read_text().count("| hivis, layers 1,2,4 fused |") == 2  # one row per workload
+    assert Path(f"{out}.png").stat().st_size > 0

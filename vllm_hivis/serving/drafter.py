@@ -124,7 +124,7 @@ class HiViSDrafterModel(nn.Module):
         assert self.feature_fc is not None, "a last-layer drafter has nothing to combine"
         n, H = len(self.feature_layers), aux.shape[-1] // len(self.feature_layers)
         assert aux.shape[-1] == n * H, (aux.shape, self.feature_layers)
-        blocks = aux.view(aux.shape[0], n, H)
+        blocks = aux.reshape(aux.shape[0], n, H)
         a = blocks[:, : self.num_intermediate].float()
         parts = [(a * torch.rsqrt(a.pow(2).mean(-1, keepdim=True) + self.rms_eps)).to(aux.dtype)]
         if self.num_intermediate < n:
