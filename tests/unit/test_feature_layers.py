@@ -4,18 +4,30 @@ every refusal naming what was wrong (vLLM parity: tests/e2e/test_parity.py)."""
 import dataclasses
 import json
 
+import numpy as np
 import pytest
 import torch
 
 from tests.conftest import make_random_llava
 from vllm_hivis.method.checkpoint import DrafterFormatError, DrafterSpec, read_spec
-from vllm_hivis.train.data import DataError, Manifest, image_spans, load_records, tokenizer_fingerprint, write_shard
+from vllm_hivis.method.hide import kept_rows
+from vllm_hivis.train.data import (
+    DataError,
+    Manifest,
+    compact_layers,
+    expand_layers,
+    image_spans,
+    load_records,
+    tokenizer_fingerprint,
+    write_shard,
+)
 from vllm_hivis.train.drafters import build_drafter, load_drafter
 from vllm_hivis.train.examples import collate
 from vllm_hivis.train.losses import DraftLoss, Recipe
 from vllm_hivis.train.trainer import TrainConfig, frozen_target_parts, preflight
 
 LAYERS = [1, 3]  # of a 3-layer target: one intermediate layer and the final normed state
+FULL: list[torch.Tensor] = []  # the layer_dataset records' layers at every row, as recorded
 
 
 @pytest.fixture(scope="module")
@@ -40,12 +52,14 @@ def layer_dataset(target3, tmp_path_factory):
         p = prompt_ids(t.processor.tokenizer, s.qa.question, n_img)
         ids = torch.tensor(p + answer_ids(t.processor.tokenizer, s.qa.answer))
         hidden, img, layers = t.hidden_states(ids, s.image, (1, 2))
+        spans = image_spans(p, t.image_token_id)
         recs.append({"id": str(i), "kind": s.qa.kind, "mode": "greedy", "input_ids": ids, "prompt_len": len(p),
-                     "spans": image_spans(p, t.image_token_id), "hidden": hidden, "image_embeds": img,
-                     "layers": layers, "feature_layers": (1, 2)})
+                     "spans": spans, "hidden": hidden, "image_embeds": img,
+                     "layers": compact_layers(layers, spans), "feature_layers": (1, 2), "full_layers": layers})
     man = Manifest(target=target3, tokenizer=tokenizer_fingerprint(target3), hidden_size=cfg["text_config"]
                    ["hidden_size"], vocab_size=cfg["text_config"]["vocab_size"], image_token_id=t.image_token_id,
                    source={"kind": "synthetic"}, responses=[{"mode": "greedy"}], feature_layers=[1, 2])
+    FULL.extend(r.pop("full_layers") for r in recs)
     man.shards.append({"file": "shard-00000.safetensors", "samples": len(recs),
                        "bytes": write_shard(out / "shard-00000.safetensors", recs)})
     man.save(out)
@@ -71,8 +85,15 @@ def test_recorded_layers_are_the_targets_residual_stream(target3, layer_dataset)
         t.hidden_states(ids, None, (4,))
     man, recs = load_records(layer_dataset)
     assert man.feature_layers == [1, 2]
-    assert recs[0]["feature_layers"] == (1, 2) and recs[0]["layers"].shape == (len(recs[0]["input_ids"]), 2, 64)
+    kept = kept_rows(recs[0]["spans"], len(recs[0]["input_ids"]) - 1)
+    assert len(kept) < len(recs[0]["input_ids"]) - 9  # the image rows (but the last) are not stored
+    assert recs[0]["feature_layers"] == (1, 2) and recs[0]["layers"].shape == (len(kept), 2, 64)
     assert recs[0]["layers"].dtype == torch.float16  # stored like the hidden states
+    full = expand_layers(recs[0]["layers"], recs[0]["spans"], len(recs[0]["input_ids"]))
+    torch.testing.assert_close(full[kept].float(), FULL[0][kept], atol=1e-2, rtol=1e-3)  # fp16 storage
+    assert full[~np.isin(np.arange(len(full)), kept)].abs().sum() == 0
+    with pytest.raises(DataError, match="dataset is corrupt"):
+        expand_layers(recs[0]["layers"][:-1], recs[0]["spans"], len(recs[0]["input_ids"]))
 
 
 def test_generate_data_checks_the_layers_it_is_asked_for(target3):
@@ -97,7 +118,7 @@ def test_a_multi_layer_drafter_trains_exports_and_loads_back(target3, layer_data
     H = 64
     assert ex["features"].shape == (len(ex["input_ids"]), 2 * H)
     rows = ex["target_rows"]
-    torch.testing.assert_close(ex["features"][:, :H], recs[0]["layers"][rows, 0].float())  # layer 1
+    torch.testing.assert_close(ex["features"][:, :H], FULL[0][rows, 0], atol=1e-2, rtol=1e-3)  # layer 1
     torch.testing.assert_close(ex["features"][:, H:], recs[0]["hidden"][rows].float())  # the final layer
     # combine: feature_fc over [rms(layer 1); final], checkpoint.py's formula
     a = ex["features"][:, :H]

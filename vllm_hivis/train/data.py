@@ -6,10 +6,13 @@ A record is one (prompt, answer) pair:
                               tensor vLLM hands the proposer (a parity test checks this)
     image_embeds  [N, H] fp16 the projected image features at the N placeholder rows (for drafters
                               that see images: the EAGLE and ViSpec-style baselines)
-    layers        [L, n, H]   optional (``generate-data --feature-layers``): the target's states at the
+    layers        [K, n, H]   optional (``generate-data --feature-layers``): the target's states at the
                               dataset's ``feature_layers`` (target.py's indices: i < n_layers is the
                               residual stream after i decoder layers, n_layers the final normed state),
-                              for multi-layer drafters; stored only for layers other than the final one
+                              for multi-layer drafters; stored only for layers other than the final one,
+                              and only at the K rows a hivis drafter reads (hide.kept_rows(spans, L - 1):
+                              no image rows but each image's last; ~1/3 of a llava-1.5 record's rows).
+                              `expand_layers` gives them back at all L rows (zeros elsewhere).
     prompt_len    int         answer tokens start here
     spans         [S, 2]      image placeholder spans (offset, length) in the prompt
 Answers come from vLLM (greedy and/or sampled); hidden states from a transformers forward pass of
@@ -72,7 +75,9 @@ def write_shard(path: Path, records: list[dict]) -> int:
     dt = storage_dtype(torch.as_tensor(records[0]["hidden"]).dtype)
     tensors = {
         "input_ids": cat("input_ids", torch.int32), "hidden": cat("hidden", dt),
-        **({"layers": cat("layers", dt)} if records[0].get("layers") is not None else {}),
+        **({"layers": cat("layers", dt),
+            "layer_rows": torch.tensor([len(r["layers"]) for r in records], dtype=torch.int64)}
+           if records[0].get("layers") is not None else {}),
         "image_embeds": torch.cat([torch.as_tensor(r["image_embeds"]).reshape(-1, H).to(dt) for r in records]),
         "spans": torch.cat([torch.as_tensor(r["spans"]).reshape(-1, 2).to(torch.int64) for r in records]),
         "lengths": lens, "image_rows": n_img, "num_spans": n_spans,
@@ -103,11 +108,34 @@ def read_shard(path: str | os.PathLike) -> list[dict]:
     ids, kinds, modes = (json.loads(meta[k]) for k in ("ids", "kinds", "modes"))
     layer_ids = tuple(json.loads(meta.get("feature_layers", "[]")))
     split = lambda x, n: torch.split(x, n.tolist())  # noqa: E731
-    layers = split(t["layers"], t["lengths"]) if "layers" in t else [None] * len(ids)
+    layers = split(t["layers"], t.get("layer_rows", t["lengths"])) if "layers" in t else [None] * len(ids)
     cols = zip(ids, kinds, modes, split(t["input_ids"], t["lengths"]), split(t["hidden"], t["lengths"]),
                split(t["image_embeds"], t["image_rows"]), split(t["spans"], t["num_spans"]), t["prompt_len"], layers)
     return [dict(id=i, kind=k, mode=m, input_ids=a, hidden=h, image_embeds=e, spans=s.numpy(), prompt_len=int(p),
                  layers=x, feature_layers=layer_ids) for i, k, m, a, h, e, s, p, x in cols]
+
+
+def compact_layers(layers: torch.Tensor, spans: np.ndarray) -> torch.Tensor:
+    """[L, n, H] -> [K, n, H]: the rows a hivis drafter reads (see the module docstring)."""
+    from ..method.hide import kept_rows
+
+    return layers[torch.from_numpy(kept_rows(spans, len(layers) - 1))]
+
+
+def expand_layers(layers: torch.Tensor, spans: np.ndarray, length: int) -> torch.Tensor:
+    """A record's layers at all `length` rows: [K, n, H] compacted (zeros at the rows no hivis
+    drafter reads) or [length, n, H] as they are."""
+    if len(layers) == length:
+        return layers
+    from ..method.hide import kept_rows
+
+    rows = torch.from_numpy(kept_rows(spans, length - 1))
+    if len(rows) != len(layers):
+        raise DataError(f"a record holds {len(layers)} layer rows, its spans and length imply {len(rows)} kept rows "
+                        f"(or {length}); the dataset is corrupt: regenerate it")
+    out = layers.new_zeros(length, *layers.shape[1:])
+    out[rows] = layers
+    return out
 
 
 @dataclasses.dataclass

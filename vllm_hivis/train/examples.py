@@ -29,12 +29,18 @@ def layer_features(rec: dict, feature_layers: list[int], num_target_layers: int)
     """[L, n*H] a record's target states at `feature_layers` (checkpoint.py's indices), in that order:
     intermediate layers from the record's ``layers``, the final one from ``hidden``."""
     have = tuple(rec.get("feature_layers") or ())
+    L = len(rec["hidden"])
+    stored = None
+    if rec.get("layers") is not None:
+        from .data import expand_layers
+
+        stored = expand_layers(rec["layers"], rec["spans"], L)  # [L, n, H]
     cols = []
     for i in feature_layers:
         if i == num_target_layers:
             cols.append(rec["hidden"].float())
-        elif i in have and rec.get("layers") is not None:
-            cols.append(rec["layers"][:, have.index(i)].float())
+        elif i in have and stored is not None:
+            cols.append(stored[:, have.index(i)].float())
         else:
             from .data import DataError
 

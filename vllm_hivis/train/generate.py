@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .data import DataError, Manifest, image_spans, read_shard, tokenizer_fingerprint, write_shard
+from .data import DataError, Manifest, compact_layers, image_spans, read_shard, tokenizer_fingerprint, write_shard
 from .prompts import PromptItem, jsonl_source, num_prompts, prompt_source, tinyworld_source
 from .target import HFTarget, check_target, image_size, image_token_id
 
@@ -144,7 +144,8 @@ class HiddenWorker:
                                 "model disagree on the image token count (check the target's processor config)")
             records.append({"id": a["id"], "kind": a["kind"], "mode": a["mode"], "input_ids": ids,
                             "prompt_len": a["prompt_len"], "spans": spans, "hidden": hidden,
-                            "image_embeds": image_embeds, "layers": layers,
+                            "image_embeds": image_embeds,
+                            "layers": None if layers is None else compact_layers(layers, spans),
                             "feature_layers": self.feature_layers})
         nbytes = write_shard(Path(task["out"]) / task["file"], records)
         path.unlink()
@@ -215,7 +216,8 @@ def generate_dataset(target_dir: str, out_dir: str, source: dict, responses: lis
                             "use a new --out")
     tasks = plan_shards(out, source, n_items, shard_size)
     records = sum(t["stop"] - t["start"] for t in tasks if not t["done"]) * sum(r["n"] for r in responses)
-    need = records * (max_tokens + EST_PROMPT_ROWS) * man.hidden_size * 2 * (2 + len(feature_layers))
+    # hidden states and image features at every row; layers at the text rows only (~1/3 of them)
+    need = records * (max_tokens + EST_PROMPT_ROWS) * man.hidden_size * 2 * (2 + len(feature_layers) / 3)
     free = shutil.disk_usage(out).free
     if need > free:
         raise DataError(f"not enough disk space in {out}: ~{need / 2**30:.1f} GiB needed, {free / 2**30:.1f} GiB free")
