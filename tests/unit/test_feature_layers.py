@@ -183,6 +183,15 @@ def test_serving_refuses_a_drafter_made_for_another_depth(ml_drafter_dir):
         check_against_target(spec, {"model": ml_drafter_dir}, target)
     target.get_total_num_hidden_layers = lambda: 3
     check_against_target(spec, {"model": ml_drafter_dir}, target)  # the depth it was made for
+    # vLLM's class for the target must return intermediate layers (LLaVA does; LLaVA-NeXT does not in 0.32)
+    for arch, ok in (("LlavaForConditionalGeneration", True), ("LlavaNextForConditionalGeneration", False)):
+        t = types.SimpleNamespace(**vars(target), architectures=[arch], model_impl="auto", runner_type="generate",
+                                  convert_type="none")
+        if ok:
+            check_against_target(spec, {"model": ml_drafter_dir}, t)
+        else:
+            with pytest.raises(HiViSConfigError, match="LlavaNextForConditionalGeneration cannot return"):
+                check_against_target(spec, {"model": ml_drafter_dir}, t)
 
 
 def test_training_refuses_layers_the_data_or_the_kind_cannot_give(target3, layer_dataset, tmp_path):

@@ -122,6 +122,12 @@ def check_against_target(spec: DrafterSpec, sc: dict, target_model_config, targe
             raise HiViSConfigError(f"drafter {drafter!r} fuses target layers {spec.feature_layers} of a "
                                    f"{spec.num_target_layers}-layer target, but target {name!r} has {n} decoder "
                                    "layers; train a drafter for this target")
+        cls = target_class(target_model_config)
+        if cls is not None and not _supports_aux_layers(cls):
+            raise HiViSConfigError(f"drafter {drafter!r} fuses target layers {spec.feature_layers}, but vLLM's "
+                                   f"{cls.__name__} cannot return a target's intermediate layers (it does not "
+                                   "implement SupportsEagle3); serve this target with a last-layer hivis drafter "
+                                   "(`vllm-hivis train` without --feature-layers)")
     tok_dir = getattr(target_model_config, "tokenizer", None) or name
     if spec.tokenizer is not None and tok_dir and os.path.isdir(tok_dir):  # a hub name: not checked (no download)
         got = tokenizer_fingerprint(tok_dir)
@@ -137,6 +143,22 @@ def check_against_target(spec: DrafterSpec, sc: dict, target_model_config, targe
             if n > 1:
                 raise HiViSConfigError(f"hivis does not support {what} yet ({field}={n}); use {field}=1 "
                                        "(tensor and pipeline parallelism are fine)")
+
+
+def target_class(target_model_config):
+    """The vLLM model class that will serve the target (None if it cannot be resolved here)."""
+    try:
+        from vllm.model_executor.models import ModelRegistry
+
+        return ModelRegistry.resolve_model_cls(target_model_config.architectures, target_model_config)[0]
+    except Exception:  # noqa: BLE001 - a check that cannot run leaves the decision to vLLM's own load
+        return None
+
+
+def _supports_aux_layers(cls) -> bool:
+    from vllm.model_executor.models.interfaces import supports_eagle3
+
+    return supports_eagle3(cls)
 
 
 def requests_hivis(args) -> bool:
