@@ -130,19 +130,19 @@ def cell(vals: list[float]) -> str:
 
 def write_table(results: list[dict], args, m: dict, path: Path) -> None:
     lines = [f"Equal budget: every drafter trained {args.steps} steps x batch {args.batch_size}, unroll "
-             f"{args.unroll} (unless a row says otherwise), on the same data (`{args.data}`), seeds {args.seeds}; "
-             f"k={args.k}, greedy, offline "
-             "replay (counts like vLLM). τ = accepted drafts per step (excl. bonus); tokens/step = τ + 1. "
-             "Cells: mean over seeds (min..max).", ""]
+             f"{args.unroll} (unless a row says otherwise), on the same data (`{args.data}`), training seeds as "
+             f"listed; k={args.k}, greedy, offline replay (counts like vLLM). τ = accepted drafts per step (excl. "
+             "bonus); tokens/step = τ + 1. Cells: mean over seeds (min..max).", ""]
     for w, what in (("tinyworld", f"held-out tiny-world scenes ({args.tinyworld_n}: half describe, half QA)"),
                     ("photos", f"real photographs, out of the tiny world ({args.photos_n} prompts)")):
-        lines += [f"**{what}**", "", "| drafter | seeds | τ accepted/step | tokens/step | per-position acceptance "
-                  "(mean) | train s |", "|---|---|---|---|---|---|"]
+        lines += [f"**{what}**", "", "| drafter | training seeds | τ accepted/step | tokens/step | per-position "
+                  "acceptance (mean) | train s |", "|---|---|---|---|---|---|"]
         for rs in by_row(results).values():
             tau = [r[w]["accepted_per_draft"] for r in rs]
             pp = [statistics.mean(r[w]["per_position"][j] for r in rs) for j in range(len(rs[0][w]["per_position"]))]
             secs = round(statistics.mean(r["train_seconds"] for r in rs))
-            lines.append(f"| {rs[0]['label']} | {len(rs)} | {cell(tau)} | {cell([t + 1 for t in tau])} | "
+            seeds = ",".join(str(r["seed"]) for r in rs)
+            lines.append(f"| {rs[0]['label']} | {seeds} | {cell(tau)} | {cell([t + 1 for t in tau])} | "
                          f"{' '.join(f'{x:.2f}' for x in pp)} | {secs} |")
         lines.append("")
     dirty = ", uncommitted changes" if m["dirty"] else ""

@@ -78,5 +78,5 @@ def test_equal_budget_on_freshly_generated_layer_data(tmp_path):
     res = json.loads(Path(f"{out}.json").read_text())["results"]
     assert [(x["row"], x["feature_layers"]) for x in res] == [("last", None), ("ml124", [1, 2, 4])]
     assert all(x[w]["drafts"] > 0 for x in res for w in ("tinyworld", "photos"))
-    assert Path(f"{out}.md").read_text().count("| hivis, layers 1,2,4 fused |") == 2  # one row per workload
+    assert Path(f"{out}.md").read_text().count("| hivis, layers 1,2,4 fused | 0 |") == 2  # one row per workload
     assert Path(f"{out}.png").stat().st_size > 0
