@@ -42,12 +42,10 @@ if [[ $step == target ]]; then
   ship runs/target-s2/model $ASSETS/tiny-target runs/target-s2/metrics.json $(( $(date +%s) - t0 )) "bash scripts/build_assets.sh target"
 elif [[ $step == drafter ]]; then
   t0=$(date +%s)
-  # intermediate layers 1-3 recorded too: the shipped drafter fuses layers 1, 2 and the final one
-  # (benchmarks/results/equal_budget.md: +0.2 accepted drafts per step over the last layer alone)
   $PY -m vllm_hivis.cli generate-data --target $ASSETS/tiny-target --out runs/drafter-data \
-      --tinyworld train:0:4000 --responses greedy,sample:1.0 --shard-size 500 --feature-layers 1,2,3
+      --tinyworld train:0:4000 --responses greedy,sample:1.0 --shard-size 500
   $PY -m vllm_hivis.cli train --data runs/drafter-data --target $ASSETS/tiny-target --out runs/drafter \
-      --recipe time-aware --unroll 4 --steps 3000 --seed 0 --feature-layers 1,2,4
+      --recipe time-aware --unroll 4 --steps 3000 --seed 0
   $PY -m vllm_hivis.cli evaluate --target $ASSETS/tiny-target --drafter runs/drafter/drafter \
       --tinyworld test:0:100 -k 5 --out runs/drafter/metrics.json
   ship runs/drafter/drafter $ASSETS/tiny-drafter runs/drafter/metrics.json $(( $(date +%s) - t0 )) "bash scripts/build_assets.sh drafter"
@@ -56,8 +54,7 @@ elif [[ $step == baselines ]]; then
   # 3000 steps of batch 16, unroll 4. Each baseline gets the strongest recipe its format allows:
   # time-aware (text-only, ViSpec-style); seq-embed for EAGLE (vLLM's EAGLE head has no step biases).
   [ -f runs/drafter-data/manifest.json ] || $PY -m vllm_hivis.cli generate-data --target $ASSETS/tiny-target \
-      --out runs/drafter-data --tinyworld train:0:4000 --responses greedy,sample:1.0 --shard-size 500 \
-      --feature-layers 1,2,3
+      --out runs/drafter-data --tinyworld train:0:4000 --responses greedy,sample:1.0 --shard-size 500
   kinds=("${@:2}"); [ ${#kinds[@]} -gt 0 ] || kinds=(text vispec eagle)  # e.g. `baselines eagle`: one only
   for kind in "${kinds[@]}"; do
     t0=$(date +%s)
