@@ -84,7 +84,10 @@ def main(argv=None) -> int:
 
     items = {w: eval_items(w, getattr(args, f"{w}_n"), args.target) for w in WORKLOADS}
     out_json = Path(args.out + ".json")
-    results = json.loads(out_json.read_text())["results"] if out_json.is_file() else []
+    old = json.loads(out_json.read_text()) if out_json.is_file() else {}
+    results = old.get("results", [])
+    # every invocation that added rows (a rerun with more seeds or rows extends the same table)
+    commands = old.get("meta", {}).get("commands") or ([old["meta"]["command"]] if old else [])
     done = {(r["row"], r["seed"]) for r in results}
     for seed in seeds:  # every row at seed 0 first: a partial run already compares them all
         for key in rows:
@@ -107,6 +110,9 @@ def main(argv=None) -> int:
             out_json.parent.mkdir(parents=True, exist_ok=True)
             m = meta(argv, "equal_budget.py", steps=args.steps, batch_size=args.batch_size, unroll=args.unroll,
                      data=args.data, k=args.k)
+            if not commands or commands[-1] != m["command"]:
+                commands.append(m["command"])
+            m["commands"] = commands
             out_json.write_text(json.dumps({"meta": m, "results": results}, indent=2) + "\n")
     m = json.loads(out_json.read_text())["meta"]
     write_table(results, args, m, Path(args.out + ".md"))
@@ -146,7 +152,8 @@ def write_table(results: list[dict], args, m: dict, path: Path) -> None:
                          f"{' '.join(f'{x:.2f}' for x in pp)} | {secs} |")
         lines.append("")
     dirty = ", uncommitted changes" if m["dirty"] else ""
-    lines.append(f"Command: `{m['command']}` (commit {m['commit']}{dirty}, {m['machine']}, {m['date']})")
+    cmds = " then ".join(f"`{c}`" for c in m.get("commands") or [m["command"]])
+    lines.append(f"Commands: {cmds} (last: commit {m['commit']}{dirty}, {m['machine']}, {m['date']})")
     path.write_text("\n".join(lines) + "\n")
 
 
