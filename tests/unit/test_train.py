@@ -353,6 +353,7 @@ def test_data_generation_never_holds_two_targets(random_target, tmp_path, monkey
     ("evaluate", ["-k", "0"], "-k must be in 1..32"),
     ("evaluate", ["--drafter", "/nonexistent"], "does not exist"),
     ("evaluate", ["--prompt-kind", "poem"], "prompt kind 'poem' unknown"),
+    ("evaluate", ["--jsonl", "/nonexistent/prompts.jsonl"], "does not exist"),
 ])
 def test_cli_inputs_are_checked_before_any_work(random_target, tmp_path, cli, argv, words):
     """Every CLI input problem stops the command before a model is loaded or a file written."""
@@ -361,6 +362,8 @@ def test_cli_inputs_are_checked_before_any_work(random_target, tmp_path, cli, ar
     base = {"generate": ["--target", random_target, "--out", str(tmp_path / "d"), "--tinyworld", "train:0:4"],
             "evaluate": ["--target", random_target, "--drafter", assets_drafter(), "--tinyworld", "test:0:2"]}[cli]
     merged = dict(zip(base[::2], base[1::2])) | dict(zip(argv[::2], argv[1::2]))
+    if "--jsonl" in merged:  # one prompt source at a time
+        merged.pop("--tinyworld")
     main = {"generate": generate.main, "evaluate": evaluate.main}[cli]
     with pytest.raises(SystemExit) as err:
         main([x for kv in merged.items() for x in kv])
@@ -389,3 +392,23 @@ def test_gpu_check_script_runs_the_trainer_and_learns(tmp_path):
     assert t["loss_fell"] and t["exported"] and t["ce0_last"] < t["ce0_first"] and t["acc0_last"] > 0.5
     assert res["graph"]["skipped"] == "no CUDA device"
     assert (tmp_path / "gpu_check.md").is_file()
+
+
+def test_evaluate_reads_a_users_jsonl_prompts(tmp_path):
+    """`vllm-hivis evaluate --jsonl`: the prompt file format generate-data reads (an image prompt
+    with a relative path, a text-only prompt), replayed with the shipped tiny models."""
+    from hivis_testbed import assets
+    from hivis_testbed.tinyworld.dataset import sample
+    from vllm_hivis.train import evaluate
+
+    size = json.loads(open(f"{assets.tiny_target()}/config.json").read())["vision_config"]["image_size"]
+    sample("test", 5, size, kind="describe").image.save(tmp_path / "scene.png")
+    rows = [{"image": "scene.png", "prompt": "Describe the image in detail."},
+            {"image": None, "prompt": "How many shapes are there?"}]
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "acc.json"
+    evaluate.main(["--target", assets.tiny_target(), "--drafter", assets.tiny_drafter(), "--jsonl",
+                   str(tmp_path / "p.jsonl"), "-k", "3", "--max-tokens", "24", "--out", str(out)])
+    res = json.loads(out.read_text())
+    assert res["prompts"] == str(tmp_path / "p.jsonl") and res["k"] == 3
+    assert res["drafts"] > 0 and res["accepted"] > 0  # the shipped drafter drafts well on a tiny-world scene

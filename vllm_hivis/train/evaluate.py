@@ -1,6 +1,7 @@
 """Offline acceptance evaluator: replay greedy chain speculative decoding in plain torch.
 
     vllm-hivis evaluate --target DIR --drafter DRAFTER --tinyworld test:0:100 -k 5
+    vllm-hivis evaluate --target DIR --drafter DRAFTER --jsonl prompts.jsonl -k 5   # your own prompts
 
 The target (transformers, fp32) and a drafter of any kind (hivis, text-only, EAGLE with image
 rows, ViSpec-style) run the same loop as vLLM: prefill samples the first token; then every step
@@ -23,7 +24,7 @@ from tqdm import tqdm
 from ..serving.acceptance import Acceptance
 from .data import image_spans
 from .drafters import load_drafter
-from .prompts import PromptItem, prompt_source, tinyworld_source
+from .prompts import PromptItem, jsonl_source, prompt_source, tinyworld_source
 from .target import HFTarget, check_target, image_size
 from .trainer import frozen_target_parts
 
@@ -145,8 +146,11 @@ def main(argv=None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--target", required=True)
     ap.add_argument("--drafter", required=True)
-    ap.add_argument("--tinyworld", default="test:0:100", help="SPLIT:START:COUNT")
-    ap.add_argument("--prompt-kind", default="describe")
+    src = ap.add_mutually_exclusive_group()
+    src.add_argument("--tinyworld", help="SPLIT:START:COUNT of tiny-world scenes (default: test:0:100)")
+    src.add_argument("--jsonl", help='prompts file: one {"image": path|null, "prompt": text} per line '
+                                     "(the format generate-data reads)")
+    ap.add_argument("--prompt-kind", default="describe", help="tiny world only")
     ap.add_argument("-k", "--num-speculative-tokens", type=int, default=5)
     ap.add_argument("--max-tokens", type=int, default=160)
     ap.add_argument("--out", help="write the summary JSON here")
@@ -157,12 +161,17 @@ def main(argv=None) -> int:
                              f"{args.max_tokens}")
         check_target(args.target)
         load_drafter(args.drafter)
-        items = prompt_source(tinyworld_source(args.tinyworld, image_size(args.target), args.prompt_kind))
+        if args.jsonl:
+            source = jsonl_source(args.jsonl)
+        else:
+            args.tinyworld = args.tinyworld or "test:0:100"
+            source = tinyworld_source(args.tinyworld, image_size(args.target), args.prompt_kind)
+        items = prompt_source(source)
     except (ValueError, OSError) as e:
         raise SystemExit(f"error: {e}") from None
     acc, _ = evaluate(args.target, args.drafter, items, args.num_speculative_tokens, args.max_tokens)
-    text = json.dumps({"drafter": args.drafter, "prompts": args.tinyworld, "k": args.num_speculative_tokens,
-                       **acc.summary()}, indent=2)
+    text = json.dumps({"drafter": args.drafter, "prompts": args.jsonl or args.tinyworld,
+                       "k": args.num_speculative_tokens, **acc.summary()}, indent=2)
     print(text)
     if args.out:
         Path(args.out).write_text(text + "\n")
