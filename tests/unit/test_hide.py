@@ -216,3 +216,12 @@ def test_vectorized_plan_equals_the_per_request_loop(seed):
                   "drafter_prompt_rows", "target_prompt_rows"):
         assert np.array_equal(getattr(got, field), getattr(want, field)), field
     assert got.identity == want.identity
+
+
+def test_write_limits_are_window_end_plus_lookahead():
+    """The last target position a request's drafter may write: num_computed + its rows this step +
+    k lookahead rows (padded query_start_loc entries past B are ignored)."""
+    from vllm_hivis.method.plan import write_limits
+
+    got = write_limits(np.array([3, 10]), np.array([0, 4, 5, 5, 5]), 5)
+    assert got.tolist() == [3 + 4 + 5, 10 + 1 + 5] and got.dtype == np.int64

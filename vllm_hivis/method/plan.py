@@ -126,6 +126,15 @@ def dropped_ranges(spans: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     return lo, hi
 
 
+def write_limits(num_computed: np.ndarray, query_start_loc: np.ndarray, num_speculative_tokens: int) -> np.ndarray:
+    """[B] the last target position each request's drafter may write this step: its window end plus
+    the draft passes' lookahead rows (serving/draft_attention.py writes nothing beyond it).
+    num_computed: [B] window starts; query_start_loc: [>= B + 1] target rows of the step."""
+    B = len(num_computed)
+    return np.asarray(num_computed, dtype=np.int64) + np.diff(np.asarray(query_start_loc[: B + 1], dtype=np.int64)) \
+        + num_speculative_tokens
+
+
 def record_prefill(counters, req_ids: list[str], plan: StepPlan, num_computed: np.ndarray,
                    query_start_loc: np.ndarray, prompt_lens: np.ndarray) -> None:
     """Add this step's drafter / target prompt rows to `counters` (a serving.metrics.PrefillCounters)."""

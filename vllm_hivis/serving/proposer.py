@@ -31,6 +31,7 @@ from ..method.plan import (
     plan_step,
     record_prefill,
     request_spans,
+    write_limits,
 )
 from .config import is_hivis
 from .draft_attention import DropRanges, max_spans
@@ -102,7 +103,7 @@ class HiViSProposer(EagleProposer):
         record_prefill(self.prefill_counters, req_ids, plan, num_computed, qsl, prompt_lens)
         # for the drafter's attention: each request's dropped rows, and how far it may write (its
         # window end plus the draft steps' lookahead slots)
-        self.drops.publish(plan.drop_lo, plan.drop_hi, num_computed + np.diff(qsl) + self.num_speculative_tokens)
+        self.drops.publish(plan.drop_lo, plan.drop_hi, write_limits(num_computed, qsl, self.num_speculative_tokens))
         self.last_plan = plan
         return plan
 

@@ -48,6 +48,7 @@ from ..method.plan import (
     plan_step,
     record_prefill,
     request_spans,
+    write_limits,
 )
 from .config import is_hivis
 from .draft_attention import DropRanges, max_spans
@@ -163,7 +164,7 @@ class HiViSSpeculatorMixin:
         spans = [request_spans(mm.get(r)) for r in req_ids]
         plan = plan_v2_prefill(num_computed, qsl, spans, prompt_lens, input_batch.num_draft_tokens_per_req)
         record_prefill(self.prefill_counters, req_ids, plan, num_computed, qsl, prompt_lens)
-        limit = num_computed + np.diff(qsl[: B + 1]) + self.num_speculative_steps
+        limit = write_limits(num_computed, qsl, self.num_speculative_steps)
         self.drops.publish(plan.drop_lo, plan.drop_hi, limit)  # for the drafter's attention
         to_dev = lambda a: torch.from_numpy(a).to(self.device, non_blocking=True)  # noqa: E731
         self._hivis_step = _Step(
