@@ -15,10 +15,12 @@ fi
 wheels=.cache/wheels
 mkdir -p "$wheels"
 t0=$(date +%s)
-python3 -m pip download --disable-pip-version-check -q --no-deps "vllm==$version" -d "$wheels" 1>&2
+PY=python3
+[ -x .venv/bin/python ] && PY=.venv/bin/python  # the project's own pip (bootstrap.sh), not the system's
+"$PY" -m pip download --disable-pip-version-check -q --no-deps "vllm==$version" -d "$wheels" 1>&2
 wheel=$(ls "$wheels"/vllm-"$version"-*.whl | head -1)
 rm -rf "$dest"
-python3 - "$wheel" "$dest" <<'PY'
+"$PY" - "$wheel" "$dest" <<'PY'
 import sys, zipfile
 wheel, dest = sys.argv[1], sys.argv[2]
 with zipfile.ZipFile(wheel) as z:
