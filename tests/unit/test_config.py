@@ -66,6 +66,13 @@ def test_format_errors(tmp_path, drafter_dir):
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="model.safetensors is missing"):
         read_spec(tmp_path)
+    for key, value in (("sliding_window", 4096), ("attn_logit_softcapping", 50.0)):
+        (tmp_path / "config.json").write_text(json.dumps(dict(cfg, **{key: value})))
+        with pytest.raises(ValueError, match=rf"sets \['{key}'\]; the hivis drafter's attention is full causal"):
+            read_spec(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(dict(cfg, sliding_window=None)))  # null: fine
+    with pytest.raises(ValueError, match="model.safetensors is missing"):
+        read_spec(tmp_path)
     # a hand-made config copied from an M-RoPE target (Qwen2.5-VL): refused here, not in a worker
     mrope = dict(cfg, rope_parameters={"rope_type": "default", "rope_theta": 1e4, "mrope_section": [4, 6, 6]})
     (tmp_path / "config.json").write_text(json.dumps(mrope))

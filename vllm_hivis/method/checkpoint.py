@@ -129,6 +129,11 @@ def read_spec(drafter_dir: str | os.PathLike) -> DrafterSpec:
     if cfg.get("num_hidden_layers") != 1:
         raise DrafterFormatError(f"{drafter_dir}: a hivis drafter has exactly 1 decoder layer, "
                                  f"config.json says num_hidden_layers={cfg.get('num_hidden_layers')}")
+    unsupported = sorted(k for k in ("sliding_window", "attn_logit_softcapping", "final_logit_softcapping", "alibi")
+                         if cfg.get(k))
+    if unsupported:
+        raise DrafterFormatError(f"{drafter_dir}: config.json sets {unsupported}; the hivis drafter's attention is "
+                                 "full causal attention without a sliding window, soft cap or ALiBi: remove them")
     for rope in ("rope_parameters", "rope_scaling"):
         mrope = sorted(k for k in (cfg.get(rope) or {}) if k.startswith("mrope"))
         if mrope:
