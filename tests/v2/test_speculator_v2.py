@@ -285,6 +285,7 @@ class FakeParent:
         self.input_buffers = InputBuffers(max_num_reqs=16, max_num_tokens=256, device=device)
         self.input_buffers.input_ids.fill_(JUNK)
         self.hidden_states = torch.zeros(256, 2)
+        self.draft_tokens = torch.full((16, 3), 7, dtype=torch.int64)  # the parent's persistent draft buffer
         self.last_token_indices = torch.zeros(16, dtype=torch.int64)
         self.idx_mapping = torch.zeros(16, dtype=torch.int64)
         self.kv_cache_config = SimpleNamespace(kv_cache_groups=[SimpleNamespace(layer_names=["drafter.attn"])])
@@ -576,3 +577,31 @@ def test_glue_combines_a_multi_layer_drafters_auxiliary_layers():
                                [as_spans(r.spans) for r in reqs], None, batch.num_draft_tokens_per_req)
     keep = torch.from_numpy(plan.keep_idx).float()
     assert spec.log["prefill"]["hidden"][:, 0].tolist() == (keep * 10 + 100 + keep).tolist()
+
+
+def test_glue_falls_back_to_exact_no_spec_drafts_when_drafting_raises(caplog):
+    """A drafter fault on V2 (as on V1) costs one step's acceptance: token 0 drafts in the parent's
+    persistent buffer, the step's state cleared, the error logged; the next proposal drafts again."""
+    pytest.importorskip("vllm.v1.worker.gpu.input_batch")
+    reqs = MIXED
+    ys, batch, last_sampled, nxt_prefill, num_sampled = fake_batch(reqs)
+    spec = make_fake_speculator(reqs, batch, torch.zeros(16, 20, dtype=torch.int64), 4)
+    B = batch.num_reqs
+    args = (batch, "target-meta", "target-slots", torch.zeros(batch.num_tokens, 2), None, num_sampled,
+            torch.zeros(B, dtype=torch.int32), last_sampled, nxt_prefill, torch.zeros(16),
+            torch.zeros(16, dtype=torch.int64))
+    ok = FakeSpeculator._prefill
+
+    def broken(self, *a, **k):
+        raise RuntimeError("drafter exploded")
+
+    FakeSpeculator._prefill = broken
+    try:
+        with caplog.at_level("ERROR", logger="vllm_hivis.speculator_v2"):
+            out = spec.propose(*args)
+    finally:
+        FakeSpeculator._prefill = ok
+    assert out.data_ptr() == spec.draft_tokens.data_ptr() and out.shape == (B, 3) and (out == 0).all()
+    assert spec.failures == 1 and spec._hivis_step is None and "drafter exploded" in caplog.text
+    spec.propose(*args)  # drafts again
+    assert spec.failures == 1 and "prefill" in spec.log

@@ -37,6 +37,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import logging
 
 import numpy as np
 import torch
@@ -54,6 +55,8 @@ from .config import is_hivis
 from .draft_attention import DropRanges, max_spans
 from .metrics import PrefillCounters
 from .trace import ProposalTracer
+
+logger = logging.getLogger("vllm_hivis.speculator_v2")
 
 # -- the V2 contract on top of method/plan.py (numpy, no vLLM) -----------------------------------
 
@@ -113,6 +116,7 @@ class HiViSSpeculatorMixin:
         self.drops = DropRanges(vllm_config.scheduler_config.max_num_seqs, max_spans(vllm_config), device)
         self.tracer = ProposalTracer()
         self._hivis_step: _Step | None = None
+        self.failures = 0  # proposals that raised and fell back (see _fallback_drafts)
         # Rejected at startup (serving/config.py: unknown key / M-RoPE / parallel layout); invariants here.
         assert not self.speculative_config.enable_adaptive_verification
         assert not vllm_config.model_config.uses_mrope
@@ -177,10 +181,23 @@ class HiViSSpeculatorMixin:
                                     seq_lens_cpu_upper_bound=self._hivis_step.seq_lens_ub)
         try:
             draft_token_ids = call(input_batch=batch)
+        except Exception:  # a drafter fault must cost acceptance, never an answer or the engine (as V1)
+            return self._fallback_drafts(B)
         finally:
             self._hivis_step = None
         self.tracer.end(draft_token_ids)
         return draft_token_ids
+
+    def _fallback_drafts(self, num_reqs: int) -> torch.Tensor:
+        """Drafts for a step whose drafting failed: token 0 in the parent's own persistent draft
+        buffer ([num_reqs, K]; what its propose returns). The target verifies them, so the step
+        stays exact at no-spec speed; the next step drafts from the spans and verified rows again."""
+        self.failures += 1
+        if self.failures <= 3 or self.failures % 1000 == 0:
+            logger.exception("hivis (V2): drafting failed (failure %d); this step falls back to no speculation",
+                             self.failures)
+        self.draft_tokens[:num_reqs].fill_(0)
+        return self.draft_tokens[:num_reqs]
 
     def _prefill(self, num_reqs: int, num_tokens: int, attn_metadata, slot_mappings, *args, **kwargs) -> None:
         if self._hivis_step is None:  # dummy / profile runs and graph capture
