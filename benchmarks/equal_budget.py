@@ -171,7 +171,7 @@ def plot(results: list[dict], path: Path) -> None:
         ax.barh(range(len(labels)), means, xerr=err, color="tab:blue", capsize=3)
         ax.set_yticks(range(len(labels)), labels, fontsize=8)
         ax.invert_yaxis()
-        ax.set_xlabel("τ: accepted drafts per step (bars: mean, whiskers: min..max over seeds)")
+        ax.set_xlabel("τ, accepted drafts per step (mean; whiskers: min..max over seeds)", fontsize=8)
         ax.set_title(w)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
