@@ -51,3 +51,15 @@ def test_the_ray_executor_is_vllms_to_refuse_on_the_cpu():
     finally:  # vLLM started a Ray cluster in this process before refusing: later tests start their own
         if ray.is_initialized():
             ray.shutdown()
+
+
+def test_a_multi_layer_drafter_under_tensor_parallel_2(tmp_path):
+    """The target's intermediate layers (vLLM's auxiliary hidden states) reach the drafter the same
+    on every rank: a multi-layer drafter drafts and accepts exactly as with one worker."""
+    from .test_parity import multi_layer_drafter
+
+    spec = hivis_spec(k=3, drafter=multi_layer_drafter(tmp_path / "ml"))
+    (single, acc1), (tp2, acc2) = run(1, spec), run(2, spec)
+    assert tp2 == single and acc1.num_drafts > 0
+    assert (acc2.num_drafts, acc2.num_accepted, acc2.per_position_counts) == \
+        (acc1.num_drafts, acc1.num_accepted, acc1.per_position_counts)
