@@ -11,7 +11,7 @@ A record is one (prompt, answer) pair:
                               residual stream after i decoder layers, n_layers the final normed state),
                               for multi-layer drafters; stored only for layers other than the final one,
                               and only at the K rows a hivis drafter reads (hide.kept_rows(spans, L - 1):
-                              no image rows but each image's last; ~1/3 of a llava-1.5 record's rows).
+                              no image rows but each image's last: 20% of a tiny-world record's rows).
                               `expand_layers` gives them back at all L rows (zeros elsewhere).
     prompt_len    int         answer tokens start here
     spans         [S, 2]      image placeholder spans (offset, length) in the prompt

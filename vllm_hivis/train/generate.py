@@ -216,7 +216,7 @@ def generate_dataset(target_dir: str, out_dir: str, source: dict, responses: lis
                             "use a new --out")
     tasks = plan_shards(out, source, n_items, shard_size)
     records = sum(t["stop"] - t["start"] for t in tasks if not t["done"]) * sum(r["n"] for r in responses)
-    # hidden states and image features at every row; layers at the text rows only (~1/3 of them)
+    # hidden states and image features at every row; layers at the text rows only (an upper bound: 1/3 of them)
     need = records * (max_tokens + EST_PROMPT_ROWS) * man.hidden_size * 2 * (2 + len(feature_layers) / 3)
     free = shutil.disk_usage(out).free
     if need > free:
