@@ -96,7 +96,7 @@ def check_against_target(spec: DrafterSpec, sc: dict, target_model_config, targe
     attention can hold (the engine's ``--kv-cache-dtype`` applies to the drafter's cache too unless
     the speculative config sets its own)."""
     drafter, name = sc["model"], target_model_config.model
-    kv = sc.get("kv_cache_dtype") or engine_kv_cache_dtype
+    kv = engine_kv_cache_dtype if sc.get("kv_cache_dtype") is None else None  # its own: check_user_dict
     if kv is not None and kv not in KV_CACHE_DTYPES:
         raise HiViSConfigError(f"--kv-cache-dtype {kv} would give the hivis drafter an fp8 KV cache, which its "
                                "attention does not support; keep the target's fp8 cache and set the drafter's "
