@@ -26,6 +26,13 @@ FORMAT_VERSION = 1
 DROP_RULES = ("input-token",)
 
 
+def intermediate_layers(layers, num_target_layers: int) -> tuple[int, ...]:
+    """The layers of `layers` before the final one (index num_target_layers, the normed state that
+    every dataset records as its hidden state): what multi-layer data must record besides it, and
+    what vLLM hands over before the norm."""
+    return tuple(i for i in layers or () if i < num_target_layers)
+
+
 class DrafterFormatError(ValueError):
     """A directory that is not a loadable hivis drafter (message says what and what is expected)."""
 
@@ -59,6 +66,11 @@ class DrafterSpec:
     @property
     def num_feature_layers(self) -> int:
         return len(self.feature_layers) if self.feature_layers else 1
+
+    @property
+    def intermediate_layers(self) -> tuple[int, ...]:
+        """The fused layers other than the final one (sorted first); () without feature_layers."""
+        return intermediate_layers(self.feature_layers, self.num_target_layers or 0)
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)

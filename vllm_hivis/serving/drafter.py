@@ -46,6 +46,8 @@ from vllm.model_executor.models.utils import (
     process_eagle_weight,
 )
 
+from ..method.checkpoint import intermediate_layers
+
 
 class _DrafterLayer(LlamaDecoderLayer):
     """A Llama decoder layer without input norm (the fused input is not normalised, as in EAGLE),
@@ -106,7 +108,7 @@ class HiViSDrafterModel(nn.Module):
         self.feature_layers, self.rms_eps = list(layers), float(getattr(config, "rms_norm_eps", 1e-6))
         # intermediate target layers come first (sorted ids); the final one, if fused, is normed by
         # the target's own norm, shared at load (`final_norm`, like embed_tokens / lm_head)
-        self.num_intermediate = sum(i < int(spec.get("num_target_layers") or 0) for i in layers)
+        self.num_intermediate = len(intermediate_layers(layers, int(spec.get("num_target_layers") or 0)))
         self.final_norm: nn.Module | None = None
         self.feature_fc = (ReplicatedLinear(len(layers) * H, H, bias=False, params_dtype=dtype,
                                             quant_config=get_draft_quant_config(vllm_config),

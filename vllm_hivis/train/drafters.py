@@ -72,7 +72,7 @@ class HiViSDrafter(nn.Module):
         layers, H = self.spec.feature_layers, self.config.hidden_size
         assert features.shape[-1] == len(layers) * H, (features.shape, layers)
         blocks = features.unflatten(-1, (len(layers), H))
-        inter = sum(i < self.spec.num_target_layers for i in layers)  # the final layer is last and stays as is
+        inter = len(self.spec.intermediate_layers)  # the final layer is last and stays as is
         a = blocks[..., :inter, :].float()
         a = a * torch.rsqrt(a.pow(2).mean(-1, keepdim=True) + self.config.rms_norm_eps)
         return self.feature_fc(torch.cat([a.to(blocks.dtype), blocks[..., inter:, :]], dim=-2).flatten(-2))

@@ -81,9 +81,7 @@ def verify(drafts: list[int], target_argmax: torch.Tensor) -> int:
 def intermediate_layers(drafter) -> tuple[int, ...]:
     """The target layers other than the final one that a (multi-layer) drafter reads."""
     spec = getattr(drafter.core, "spec", None)
-    if spec is None or not spec.feature_layers:
-        return ()
-    return tuple(i for i in spec.feature_layers if i < spec.num_target_layers)
+    return () if spec is None else spec.intermediate_layers
 
 
 @torch.no_grad()

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 
+from ..method.checkpoint import intermediate_layers
 from ..method.hide import kept_rows
 
 KINDS = ("hivis", "text", "eagle", "vispec")
@@ -44,7 +45,7 @@ def layer_features(rec: dict, feature_layers: list[int], num_target_layers: int)
         else:
             from .data import DataError
 
-            need = ",".join(str(j) for j in feature_layers if j < num_target_layers)
+            need = ",".join(str(j) for j in intermediate_layers(feature_layers, num_target_layers))
             raise DataError(f"the drafter reads target layer {i}, which this dataset did not record (it has "
                             f"{list(have) or 'only the final layer'}); regenerate it with "
                             f"`vllm-hivis generate-data --feature-layers {need}`")

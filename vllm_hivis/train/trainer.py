@@ -25,6 +25,7 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
+from ..method.checkpoint import intermediate_layers
 from .data import DataError, Manifest, tokenizer_fingerprint
 from .drafters import build_drafter
 from .examples import collate
@@ -244,11 +245,12 @@ def preflight(cfg: TrainConfig) -> None:
     if any(i > n for i in layers):
         raise ValueError(f"feature layers {layers} go beyond the target's {n} decoder layers (valid: 1..{n}, "
                          f"where {n} is the final normed state)")
-    missing = [i for i in layers if i < n and i not in man.feature_layers]
+    need = intermediate_layers(layers, n)
+    missing = [i for i in need if i not in man.feature_layers]
     if missing:
         raise DataError(f"dataset {cfg.data} did not record target layers {missing} (it has "
                         f"{man.feature_layers or 'only the final layer'}); regenerate it with "
-                        f"`vllm-hivis generate-data --feature-layers {','.join(str(i) for i in layers if i < n)}`")
+                        f"`vllm-hivis generate-data --feature-layers {','.join(map(str, need))}`")
 
 
 def train(cfg: TrainConfig) -> Path:
