@@ -72,9 +72,10 @@ def med(xs: list[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
 
 
-def spread(xs: list[float]) -> str:
+def spread(xs: list[float], digits: int = 1) -> str:
     """'median [min-max]' of repetitions."""
-    return f"{med(xs):.1f} [{min(xs):.1f}-{max(xs):.1f}]" if len(xs) > 1 else f"{med(xs):.1f}"
+    f = f".{digits}f"
+    return f"{med(xs):{f}} [{min(xs):{f}}-{max(xs):{f}}]" if len(xs) > 1 else f"{med(xs):{f}}"
 
 
 def write(out: str, meta_: dict, rows: list[dict], md: list[str]) -> None:

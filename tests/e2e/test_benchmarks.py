@@ -47,6 +47,22 @@ def test_scaling_quick(tmp_path):
     assert eagle[288]["drafter_prefill_tokens"] > eagle[144]["drafter_prefill_tokens"] + 100
 
 
+def test_step_parts_quick(tmp_path):
+    """The side-by-side step profile: both methods' parts timed, nested parts within their whole."""
+    out = tmp_path / "step_parts"
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "step_parts.py"), "--quick", "--out", str(out)],
+                       capture_output=True, text=True, timeout=1500, cwd=ROOT)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rows = {row["method"]: row["ms_per_step"] for row in json.loads(Path(f"{out}.json").read_text())["rows"]}
+    assert set(rows) == {"hivis", "eagle (same weights)"}
+    for name, ms in rows.items():
+        m = {k: v[0] for k, v in ms.items()}
+        assert 0 < m["attention"] < m["model"] < m["propose"] < m["step"], (name, m)
+        assert m["set_inputs_first_pass"] < m["propose"], (name, m)
+    assert rows["hivis"]["_plan"][0] > 0 and rows["eagle (same weights)"]["_plan"][0] == 0
+    assert "hivis / EAGLE drafting time per step" in Path(f"{out}.md").read_text()
+
+
 def test_online_quick(tmp_path):
     res = run("online.py", tmp_path / "online")
     load = [r for r in res["rows"] if "concurrency" in r]

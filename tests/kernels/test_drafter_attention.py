@@ -16,6 +16,7 @@ import torch  # noqa: E402
 from vllm_hivis.kernels.kv_write import write_kv, write_kv_ref  # noqa: E402
 from vllm_hivis.kernels.tree_attention import tree_attention, tree_attention_ref  # noqa: E402
 from vllm_hivis.method.plan import target_positions  # noqa: E402
+from vllm_hivis.serving.draft_attention import kv_views  # noqa: E402
 
 TOL = {torch.float32: dict(atol=2e-4, rtol=2e-4), torch.float16: dict(atol=5e-3, rtol=5e-3),
        torch.bfloat16: dict(atol=4e-2, rtol=4e-2)}
@@ -90,72 +91,172 @@ def test_kv_write_kernel_matches_reference(head_dim, device):
     assert torch.isnan(kv_a).sum() == kv_a.numel() - 5 * 2 * 2 * head_dim  # only the 5 real rows written
 
 
-def test_the_serving_backends_torch_path_equals_the_kernels_reference():
-    """serving/draft_attention.attend_torch (the CPU path) == tree_attention_ref with the map, and
-    its slot table gives each new row the slot the GPU path's write_slots gives it."""
+def cpu_md(args, ranges, lens, q_lens, limit, version, req_ids=None, block_table=None):
     from types import SimpleNamespace
 
-    from vllm_hivis.serving.draft_attention import NO_LIMIT, StepTable, attend_torch, key_slots, rows, write_slots
+    qsl = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
+    return SimpleNamespace(query_start_loc=qsl, seq_lens=torch.tensor(lens, dtype=torch.int32),
+                           block_table=args["block_table"] if block_table is None else block_table, ranges=ranges,
+                           used_ranges=ranges.shape[1], max_seq_len=max(lens), max_query_len=max(q_lens),
+                           num_actual_tokens=sum(q_lens), limit=torch.tensor(limit, dtype=torch.int32),
+                           version=version, req_ids=req_ids)
+
+
+def slots_at(args, ranges, req, c):
+    p = target_positions(torch.as_tensor(c), ranges[req])
+    return args["block_table"][req, p // 16].long() * 16 + p % 16
+
+
+@pytest.mark.parametrize("limited", [False, True])
+def test_the_cpu_path_equals_the_kernels_reference_over_a_step(limited):
+    """serving/draft_attention.py's CPU path over one step - a first pass (5 verified rows of
+    request 0, 1 of request 1) and three draft passes (one row each) - returns what the kernel's
+    torch reference returns with every row written at its target slot; the first pass's rows
+    reach the paged cache at their target slots, the draft passes' rows stay in the step's copy.
+    With limits: request 1's rows lie past its writable limit (never written, never visible)."""
+    from vllm_hivis.serving.draft_attention import NO_LIMIT, HiViSDraftAttentionImpl
 
     gen = torch.Generator().manual_seed(2)
     q, sparse, _, ranges, args, kv = case(gen, torch.float32)
-    md = SimpleNamespace(query_start_loc=args["query_start_loc"], seq_lens=args["seq_lens"],
-                         block_table=args["block_table"], ranges=ranges, used_ranges=2, max_seq_len=37,
-                         max_query_len=5, limit=torch.tensor([NO_LIMIT, NO_LIMIT], dtype=torch.int32))
-    keys = lambda: key_slots(md, StepTable.build(("k",), md, 37, 16).slots)  # noqa: E731
-    got = attend_torch(md, q, kv, args["scale"], q.shape[0], keys())
-    want = tree_attention_ref(q, *sparse, **args, drop_ranges=ranges)
-    torch.testing.assert_close(got, want.float(), atol=2e-5, rtol=2e-5)
-    # new rows write at their target slots; request 1's row (target position 28) is past its limit
-    md.limit = torch.tensor([60, 27], dtype=torch.int32)
-    slots = write_slots(md, q.shape[0], 16)
-    c = torch.tensor([32, 33, 34, 35, 36])  # request 0's new rows (bottom-right): compressed positions
-    p = target_positions(c, ranges[0])
-    assert slots[:5].tolist() == (args["block_table"][0, p // 16].long() * 16 + p % 16).tolist()
-    assert slots[5].item() == -1
-    req, pos = rows(md, q.shape[0])
-    assert keys()[req, pos].tolist() == slots.tolist()
+    impl = HiViSDraftAttentionImpl(4, 32, args["scale"], num_kv_heads=2)
+    lens, q_lens = [37, 21], [5, 1]
+    # request 1 holds drafter positions 0..20 (target 0..28): limit 27 cuts its new row 20 (target
+    # 28) and every later one; key 19 (target 27) is its last visible key
+    limit = [NO_LIMIT, 27] if limited else [NO_LIMIT, NO_LIMIT]
+    n_valid = [10**6, 20] if limited else [10**6] * 2
+    # the first pass's rows: the K/V the case stored at their slots; the cache starts without them
+    new = [(0, c) for c in range(32, 37)] + [(1, 20)]
+    slots = torch.stack([slots_at(args, ranges, r, c) for r, c in new])
+    k_cache, v_cache = kv_views(kv, 32)
+    k_new, v_new = k_cache.flatten(0, 1)[slots], v_cache.flatten(0, 1)[slots]
+    want_cache = kv.clone()
+    if limited:
+        want_cache.view(-1, 2, 16, 64).transpose(1, 2).flatten(0, 1)[slots[-1]] = float("nan")
+    cache = kv.clone()
+    cache.view(-1, 2, 16, 64).transpose(1, 2).flatten(0, 1)[slots] = float("nan")
+    ref = kv.clone()  # every row of the step at its target slot, for the reference
+
+    def reference(q, lens, q_lens):
+        sl = [min(L, n) if ql == 1 else L for L, ql, n in zip(lens, q_lens, n_valid)]
+        a = dict(args, seq_lens=torch.tensor(sl, dtype=torch.int32),
+                 query_start_loc=torch.tensor([0, q_lens[0], sum(q_lens)], dtype=torch.int32))
+        return tree_attention_ref(q, *kv_views(ref, 32), **a, drop_ranges=ranges)
+
+    md = cpu_md(args, ranges, lens, q_lens, limit, version=7)
+    got = impl._forward_cpu(md, q, k_new, v_new, cache)
+    want = reference(q, lens, q_lens)
+    rows = slice(0, 5) if limited else slice(None)  # request 1's row past its limit: its drafts are discarded
+    torch.testing.assert_close(got[rows], want[rows], atol=2e-5, rtol=2e-5)
+    assert not torch.isnan(got).any()
+    torch.testing.assert_close(cache, want_cache, equal_nan=True)  # the first pass's rows, at their slots
+    after_first = cache.clone()
+    for _ in range(3):  # draft passes: one row per request at drafter position seq_len - 1
+        lens = [L + 1 for L in lens]
+        md = cpu_md(args, ranges, lens, [1, 1], limit, version=7)
+        qd, kd, vd = (torch.randn(2, n, 32, generator=gen) for n in (4, 2, 2))
+        got = impl._forward_cpu(md, qd, kd, vd, cache)
+        for r in range(2):
+            if lens[r] - 1 < n_valid[r]:
+                write_kv_ref(kd[r:r + 1], vd[r:r + 1], *kv_views(ref, 32), slots_at(args, ranges, r, [lens[r] - 1]))
+        want = reference(qd, lens, [1, 1])
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(cache, after_first, equal_nan=True)  # the draft rows never reach the cache
+    # a new step (version) starts over from the cache: its first pass reads the cache, not the copy
+    md = cpu_md(args, ranges, [37, 21], [5, 1], limit, version=8)
+    impl._forward_cpu(md, q, k_new, v_new, cache)
+    assert impl._step.key[0] == 8
 
 
-def test_the_draft_pass_fast_path_equals_the_general_path():
-    """attend_decode_torch (a draft pass: one new row per request) writes the same cache and
-    returns the same rows as write_kv_ref + attend_torch, limits included."""
-    from types import SimpleNamespace
+def test_the_cpu_path_grows_its_copy_past_its_slack():
+    """More draft passes than the copy's slack: the copy grows, keeping the step's rows."""
+    from vllm_hivis.serving import draft_attention_cpu
+    from vllm_hivis.serving.draft_attention import NO_LIMIT, HiViSDraftAttentionImpl
 
-    from vllm_hivis.serving.draft_attention import (
-        StepTable,
-        attend_decode_torch,
-        attend_torch,
-        key_slots,
-        kv_views,
-        rows,
-    )
-
-    gen = torch.Generator().manual_seed(3)
+    gen = torch.Generator().manual_seed(4)
     _, _, _, ranges, args, kv = case(gen, torch.float32)
-    # request 1's new row (target position 28) past its limit; equal lengths: the unmasked path
-    for limit, lens in (([10**6] * 2, [37, 21]), ([60, 27], [37, 21]), ([10**6] * 2, [21, 21])):
-        md = SimpleNamespace(query_start_loc=torch.tensor([0, 1, 2], dtype=torch.int32),
-                             seq_lens=torch.tensor(lens, dtype=torch.int32),
-                             block_table=args["block_table"], ranges=ranges, used_ranges=2, max_seq_len=max(lens),
-                             max_query_len=1, limit=torch.tensor(limit, dtype=torch.int32))
-        q, k, v = (torch.randn(2, n, 32, generator=gen) for n in (4, 2, 2))
-        kv_a, kv_b = kv.clone(), kv.clone()
-        table = StepTable.build(("k",), md, 37 + 5, 16)
-        # the table against its formula: slot of key c = block_table[r, p // 16] * 16 + p % 16 at
-        # p = target position of c, -1 past the request's limit
-        p = target_positions(torch.arange(42).expand(2, 42), ranges[:, None])
-        want_slots = args["block_table"].long().gather(1, p // 16) * 16 + p % 16
-        want_slots = torch.where(p <= md.limit.long()[:, None], want_slots, -1)
-        assert torch.equal(table.slots, want_slots)
-        valid = want_slots >= 0
-        assert torch.equal(table.valid, valid) and torch.equal(table.arange, torch.arange(42))
-        assert torch.equal(table.block, torch.where(valid, want_slots // 16, 0))
-        assert torch.equal(table.offset, torch.where(valid, want_slots % 16, 0))
-        got = attend_decode_torch(md, q, k, v, kv_a, args["scale"], table)
-        keys = key_slots(md, table.slots)
-        req, pos = rows(md, 2)
-        write_kv_ref(k, v, *kv_views(kv_b, 32), keys[req, pos])
-        want = attend_torch(md, q, kv_b, args["scale"], 2, keys)
-        torch.testing.assert_close(kv_a, kv_b, equal_nan=True)
-        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+    impl = HiViSDraftAttentionImpl(4, 32, args["scale"], num_kv_heads=2)
+    ref = kv.clone()
+    lens = [37, 21]
+    width = draft_attention_cpu.StepKV.width_for(37)
+    for _ in range(width - 37 + 3):
+        md = cpu_md(args, ranges, lens, [1, 1], [NO_LIMIT, NO_LIMIT], version=1)
+        qd, kd, vd = (torch.randn(2, n, 32, generator=gen) for n in (4, 2, 2))
+        got = impl._forward_cpu(md, qd, kd, vd, kv)
+        for r in range(2):
+            write_kv_ref(kd[r:r + 1], vd[r:r + 1], *kv_views(ref, 32), slots_at(args, ranges, r, [lens[r] - 1]))
+        a = dict(args, seq_lens=torch.tensor(lens, dtype=torch.int32),
+                 query_start_loc=torch.tensor([0, 1, 2], dtype=torch.int32))
+        torch.testing.assert_close(got, tree_attention_ref(qd, *kv_views(ref, 32), **a, drop_ranges=ranges),
+                                   atol=2e-5, rtol=2e-5)
+        lens = [L + 1 for L in lens]
+    assert impl._step.width > width
+
+
+def test_the_gpu_paths_write_slots_are_the_target_slots():
+    """write_slots (the GPU path's KV write) gives each new row its target slot, -1 past its limit."""
+    from vllm_hivis.serving.draft_attention import write_slots
+
+    gen = torch.Generator().manual_seed(2)
+    q, _, _, ranges, args, _ = case(gen, torch.float32)
+    md = cpu_md(args, ranges, [37, 21], [5, 1], [60, 27], version=0)
+    slots = write_slots(md, q.shape[0], 16)
+    assert slots[:5].tolist() == slots_at(args, ranges, 0, range(32, 37)).tolist()
+    assert slots[5].item() == -1  # request 1's row (target position 28) is past its limit 27
+
+
+def test_the_cpu_path_carries_its_copy_to_the_next_step_only_when_it_may():
+    """Steady decoding: the next step's first pass reuses the copy (same requests, same rows, same
+    blocks) and still equals the reference; other requests, or a request whose blocks moved
+    (preempted and resumed), rebuild it from the cache."""
+    from vllm_hivis.serving.draft_attention import NO_LIMIT, HiViSDraftAttentionImpl
+
+    gen = torch.Generator().manual_seed(5)
+    _, _, _, ranges, args, kv = case(gen, torch.float32)
+    impl = HiViSDraftAttentionImpl(4, 32, args["scale"], num_kv_heads=2)
+    ref, limit = kv.clone(), [NO_LIMIT, NO_LIMIT]
+    table = args["block_table"]
+
+    def step(version, lens, q_lens, req_ids, drafts=3, block_table=table, cache=kv, ref=ref):
+        a = dict(args, block_table=block_table)
+        for n_rows, is_first in [(q_lens, True)] + [([1, 1], False)] * drafts:
+            if not is_first:
+                lens = [L + 1 for L in lens]
+            md = cpu_md(a, ranges, lens, n_rows, limit, version, req_ids, block_table)
+            T = sum(n_rows)
+            q, k, v = (torch.randn(T, n, 32, generator=gen) for n in (4, 2, 2))
+            got = impl._forward_cpu(md, q, k, v, cache)
+            row = 0
+            for r in range(2):
+                for c in range(lens[r] - n_rows[r], lens[r]):
+                    write_kv_ref(k[row:row + 1], v[row:row + 1], *kv_views(ref, 32),
+                                 slots_at(a, ranges, r, [c]))
+                    row += 1
+            a["seq_lens"] = torch.tensor(lens, dtype=torch.int32)
+            a["query_start_loc"] = torch.tensor([0, n_rows[0], T], dtype=torch.int32)
+            want = tree_attention_ref(q, *kv_views(ref, 32), **a, drop_ranges=ranges)
+            torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+        return impl._step
+
+    ids = ("a", "b")
+    first = step(1, [37, 21], [5, 1], ids)
+    # all 4 drafts of request 0 accepted (its next window starts at the first draft row, 37), 1 of b's
+    carried = step(2, [42, 23], [5, 2], ids)
+    assert carried is first and carried.key[0] == 2  # carried over
+    width = carried.width
+    assert step(3, [47, 25], [5, 2], ids) is first
+    wider = step(4, [52, 27], [5, 2], ids)  # past the copy's slack: carried into a wider copy
+    assert wider is not first and wider.width > width and wider.req_ids == ids and wider.key[0] == 4
+    assert step(5, [56, 29], [4, 2], ids) is wider  # carried again (fewer drafts accepted)
+    other = step(6, [61, 31], [5, 2], ("a", "c"))  # row 1 holds another request: rebuilt
+    assert other is not wider
+    # request a's block 1 moved to a free block whose contents differ (as after a preemption whose
+    # recompute landed elsewhere): carrying the copy over would read the old keys
+    free = sorted(set(range(24)) - set(table.flatten().tolist()))[0]
+    moved = table.clone()
+    moved[0, 1] = free
+    kv_moved, ref_moved = kv.clone(), ref.clone()
+    bump = torch.randn(kv[0].shape, generator=gen)
+    for c_ in (kv_moved, ref_moved):
+        c_[free] = c_[int(table[0, 1])] + bump
+    rebuilt = step(7, [66, 33], [5, 2], ("a", "c"), block_table=moved, cache=kv_moved, ref=ref_moved)
+    assert rebuilt is not other

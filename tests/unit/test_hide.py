@@ -186,7 +186,7 @@ def plan_step_loop(num_computed, query_start_loc, spans, prompt_lens=None):
     cat = lambda xs: np.concatenate(xs) if xs else np.zeros(0, dtype=np.int64)  # noqa: E731
     return StepPlan(keep_idx=cat(keep), offset=cat(offs), positions=cat(pos), req_of_row=cat(reqs), query_start_loc=qsl,
                     seq_shift=shift, dummy=dummy, drafter_prompt_rows=d_rows, target_prompt_rows=t_rows,
-                    identity=bool(identity))
+                    identity=bool(identity), keeps_all=sum(map(len, keep)) == int(query_start_loc[-1]))
 
 
 @pytest.mark.parametrize("seed", range(30))
@@ -215,7 +215,8 @@ def test_vectorized_plan_equals_the_per_request_loop(seed):
     for field in ("keep_idx", "offset", "req_of_row", "query_start_loc", "seq_shift", "dummy",
                   "drafter_prompt_rows", "target_prompt_rows"):
         assert np.array_equal(getattr(got, field), getattr(want, field)), field
-    assert got.identity == want.identity
+    assert got.identity == want.identity and got.keeps_all == want.keeps_all
+    assert np.array_equal(got.positions, want.positions)
 
 
 def test_write_limits_are_window_end_plus_lookahead():

@@ -48,6 +48,7 @@ class StepPlan:
     # the drafter's attention (serving/draft_attention.py DropRanges.publish)
     drop_lo: np.ndarray | None = None
     drop_hi: np.ndarray | None = None
+    keeps_all: bool = False  # every row kept, in order (keep_idx == 0..M-1): only positions and lengths change
 
 
 def plan_step(num_computed: np.ndarray, query_start_loc: np.ndarray, spans: list[np.ndarray],
@@ -84,12 +85,14 @@ def plan_step(num_computed: np.ndarray, query_start_loc: np.ndarray, spans: list
     # every row of the batch: its request and its target position
     row_req = np.repeat(np.arange(B), q)
     p = s0[row_req] + np.arange(qsl[-1], dtype=np.int64) - qsl[row_req]
+    end = s0 + q
+    if not ((lo < end[:, None]) & (hi > s0[:, None])).any():
+        return _plan_clear_windows(s0, q, qsl, row_req, p, lo, hi, prompt_lens)
     L, H = lo[row_req], hi[row_req]
     kept = ~((p[:, None] >= L) & (p[:, None] < H)).any(axis=1)
     before = np.clip(p[:, None] - L, 0, H - L).sum(axis=1)  # rows dropped before p: p - c(p)
     n_kept = np.bincount(row_req[kept], minlength=B)
     dummy = (q > 0) & (n_kept == 0)
-    end = s0 + q
     c_end = end - np.clip(end[:, None] - lo, 0, hi - lo).sum(axis=1)  # kept rows before the window's end
     keep_mask = kept.copy()
     keep_mask[qsl[1:][dummy] - 1] = True  # a dummy request keeps its last row...
@@ -109,7 +112,26 @@ def plan_step(num_computed: np.ndarray, query_start_loc: np.ndarray, spans: list
     return StepPlan(keep_idx=keep_idx, offset=off, positions=p[keep_idx] - off, req_of_row=row_req[keep_idx],
                     query_start_loc=new_qsl, seq_shift=seq_shift, dummy=dummy, drafter_prompt_rows=d_rows,
                     target_prompt_rows=t_rows,
-                    identity=bool(len(keep_idx) == len(p) and not off.any()), drop_lo=lo, drop_hi=hi)
+                    identity=bool(len(keep_idx) == len(p) and not off.any()), keeps_all=len(keep_idx) == len(p),
+                    drop_lo=lo, drop_hi=hi)
+
+
+def _plan_clear_windows(s0, q, qsl, row_req, p, lo, hi, prompt_lens) -> StepPlan:
+    """plan_step where no window meets a dropped range (every decode step once the prompt is
+    past its images, and text-only batches): every row is kept, shifted by the rows its request
+    dropped before its window. The same plan as the general path, in a few numpy ops (it runs
+    every step)."""
+    B = len(s0)
+    shift = np.where(q > 0, np.where(hi <= s0[:, None], hi - lo, 0).sum(axis=1), 0).astype(np.int64)  # [B]
+    off = shift[row_req]
+    if prompt_lens is None:
+        t_rows = np.zeros(B, dtype=np.int64)
+    else:
+        t_rows = np.bincount(row_req[p < np.asarray(prompt_lens, dtype=np.int64)[row_req]], minlength=B)
+    return StepPlan(keep_idx=np.arange(len(p), dtype=np.int64), offset=off, positions=p - off, req_of_row=row_req,
+                    query_start_loc=qsl.astype(np.int32), seq_shift=shift, dummy=np.zeros(B, dtype=bool),
+                    drafter_prompt_rows=t_rows, target_prompt_rows=t_rows, identity=not off.any(), keeps_all=True,
+                    drop_lo=lo, drop_hi=hi)
 
 
 def dropped_ranges(spans: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:

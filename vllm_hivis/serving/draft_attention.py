@@ -22,8 +22,8 @@ prefill chunk ending inside an image, whose drafts are discarded) are skipped.
 Queries follow vLLM's convention (bottom-right causal): row j of request i, with q_i rows and
 drafter sequence length L_i, is at compressed position L_i - q_i + j and attends to 0..itself.
 Attention: Triton on GPU (kernels/tree_attention.py, causal, with the position map), torch on the
-CPU (`attend_torch`, the same computation batched with padding; the kernel tests hold the two to
-each other).
+CPU (serving/draft_attention_cpu.py: one gather per step into a drafter-space copy, one SDPA call
+per pass; the kernel tests hold both to the kernel's torch reference).
 
 KV cache: vLLM hands the layer a [num_blocks, num_kv_heads, block_size, 2 * head_dim] view in the
 global layout; K is its [..., :head_dim] half, V the other, read as [num_blocks, block_size, heads,
@@ -49,10 +49,10 @@ from vllm.v1.attention.backend import (
 )
 
 from ..method.plan import target_positions
+from .draft_attention_cpu import StepKV, attend_decode, attend_rows, pass_rows
 
 NAME = "HIVIS_DRAFT_ATTN"
 NO_LIMIT = 2**31 - 1
-STEP_SLACK = 16  # extra key positions a step's slot table covers for its draft passes (each adds one)
 
 
 def register() -> None:
@@ -72,20 +72,24 @@ class DropRanges:
     current: DropRanges | None = None  # the worker process's instance (one drafter per worker)
 
     def __init__(self, max_reqs: int, max_spans: int, device: torch.device):
-        self.device, self.used = device, 1
+        self.device, self.used, self.req_ids = device, 1, None
         self.version = 0  # bumped by every publish (once per step): per-step caches key on it
         self._allocate(max_reqs, max(1, max_spans))
-        self.limit = torch.full((max_reqs,), NO_LIMIT, dtype=torch.int32, device=device)  # [R]
         self._limit_cpu = torch.full((max_reqs,), NO_LIMIT, dtype=torch.int32, pin_memory=device.type == "cuda")
+        self.limit = (self._limit_cpu if device.type == "cpu"
+                      else torch.full((max_reqs,), NO_LIMIT, dtype=torch.int32, device=device))  # [R]
         self._copied = None  # CUDA: an event after the last host-to-device copies of the pinned buffers
         DropRanges.current = self
 
     def _allocate(self, max_reqs: int, S: int) -> None:
-        self.ranges = torch.zeros(max_reqs, S, 2, dtype=torch.int32, device=self.device)  # [R, S, 2] lo, hi
         self._ranges_cpu = torch.zeros(max_reqs, S, 2, dtype=torch.int32, pin_memory=self.device.type == "cuda")
+        # [R, S, 2] lo, hi (on the CPU build the host buffer itself: nothing to copy)
+        self.ranges = (self._ranges_cpu if self.device.type == "cpu"
+                       else torch.zeros(max_reqs, S, 2, dtype=torch.int32, device=self.device))
 
-    def publish(self, lo: np.ndarray, hi: np.ndarray, limit: np.ndarray) -> None:
-        # lo, hi: [B, S] int64 (method/plan.dropped_ranges); limit: [B] last writable target position
+    def publish(self, lo: np.ndarray, hi: np.ndarray, limit: np.ndarray, req_ids: tuple | None = None) -> None:
+        # lo, hi: [B, S] int64 (method/plan.dropped_ranges); limit: [B] last writable target position;
+        # req_ids: the batch's B requests, row by row, if known (the CPU path carries its copy by them)
         B, S = lo.shape
         R, cap, _ = self.ranges.shape
         assert B <= R, (B, R)
@@ -100,12 +104,14 @@ class DropRanges:
         r[:B] = 0
         r[:B, :S, 0], r[:B, :S, 1] = lo, hi
         self._limit_cpu.numpy()[:B] = np.minimum(limit, NO_LIMIT)
-        self.ranges[:B].copy_(self._ranges_cpu[:B], non_blocking=True)
-        self.limit[:B].copy_(self._limit_cpu[:B], non_blocking=True)
+        if self.device.type != "cpu":
+            self.ranges[:B].copy_(self._ranges_cpu[:B], non_blocking=True)
+            self.limit[:B].copy_(self._limit_cpu[:B], non_blocking=True)
         if self.device.type == "cuda":
             self._copied = torch.cuda.Event()
             self._copied.record()
         self.used = S
+        self.req_ids = req_ids
         self.version += 1
 
 
@@ -135,6 +141,7 @@ class HiViSDraftAttentionMetadata:
     limit: torch.Tensor  # [B] last target position each request may write
     used_ranges: int = 1  # the batch's largest number of ranges (the torch path walks only these)
     version: int = -1  # DropRanges.version this metadata was built under (-1: no per-step caching)
+    req_ids: tuple | None = None  # the batch's requests, row by row, if known (host side, CPU path)
 
 
 class HiViSDraftAttentionMetadataBuilder(AttentionMetadataBuilder[HiViSDraftAttentionMetadata]):
@@ -158,7 +165,8 @@ class HiViSDraftAttentionMetadataBuilder(AttentionMetadataBuilder[HiViSDraftAtte
             ranges=drops.ranges[:B] if drops is not None else self._empty.expand(B, 1, 2).contiguous(),
             limit=drops.limit[:B] if drops is not None else torch.full((B,), NO_LIMIT, dtype=torch.int32,
                                                                         device=cm.seq_lens.device),
-            used_ranges=drops.used if drops is not None else 1, version=drops.version if drops is not None else -1)
+            used_ranges=drops.used if drops is not None else 1, version=drops.version if drops is not None else -1,
+            req_ids=drops.req_ids if drops is not None else None)
 
 
 class HiViSDraftAttentionBackend(AttentionBackend):
@@ -214,114 +222,6 @@ def write_slots(md: HiViSDraftAttentionMetadata, T: int, block_size: int) -> tor
     return torch.where(p <= md.limit.long()[req], slots_of(md, req, p, block_size), -1)
 
 
-def key_slots(md: HiViSDraftAttentionMetadata, table: torch.Tensor) -> torch.Tensor:
-    """[B, L] int64 target slot of every drafter key position 0..L-1 of each request
-    (L = the batch's longest drafter sequence; -1 past a request's own length or writable limit),
-    read from a step's `StepTable.slots` (at least L wide)."""
-    L = max(1, md.max_seq_len)
-    table = table[:, :L]
-    held = torch.arange(L, device=table.device) < md.seq_lens.long()[:, None]
-    return torch.where(held, table, -1)
-
-
-def attend_torch(md, q, kv_cache, scale: float, T: int, slots: torch.Tensor) -> torch.Tensor:
-    """Causal attention in drafter space over translated slots (CPU path): requests padded to
-    [B, max_query_len] queries x [B, L] keys, one SDPA call.
-    q: [>= T, Hq, D]; kv_cache: the layer's [num_blocks, H, block_size, 2 * D]; slots: [B, L] from
-    `key_slots` -> [T, Hq, D] in q's dtype."""
-    B, L = slots.shape
-    Q, bs, D = max(1, md.max_query_len), kv_cache.shape[2], q.shape[2]
-    qsl, seq = md.query_start_loc.long(), md.seq_lens.long()
-    n_q = qsl[1:] - qsl[:-1]  # [B]
-    j = torch.arange(Q, device=q.device)
-    row = qsl[:-1, None] + j  # [B, Q] batch row of each padded query
-    real = j < n_q[:, None]
-    qp = q[row.clamp(max=max(T - 1, 0))]  # [B, Q, Hq, D]
-    held = slots >= 0  # [B, L]
-    s = slots.clamp(min=0)
-    # one gather of K and V together, on the cache's own layout (a gather through the strided K/V
-    # views is ~4x slower); padding keys may hold anything, NaN included: zero them (a masked
-    # score alone leaves 0 * NaN)
-    kv = torch.where(held[..., None, None], kv_cache[s // bs, :, s % bs], 0.0)  # [B, L, H, 2D]
-    k, v = kv[..., :D], kv[..., D:]
-    pos = (seq - n_q)[:, None] + j  # [B, Q] compressed position of each query
-    visible = (torch.arange(L, device=q.device) <= pos[..., None]) & held[:, None, :]  # [B, Q, L]
-    visible[..., 0] |= ~visible.any(-1)  # padding queries (or rows past the limit): no all-masked row
-    o = torch.nn.functional.scaled_dot_product_attention(
-        qp.transpose(1, 2), k.to(q.dtype).transpose(1, 2), v.to(q.dtype).transpose(1, 2),
-        attn_mask=visible[:, None], scale=scale, enable_gqa=k.shape[2] != q.shape[1])  # [B, Hq, Q, D]
-    out = q.new_empty(T, q.shape[1], q.shape[2])
-    out[row[real]] = o.transpose(1, 2)[real]
-    return out
-
-
-@dataclasses.dataclass
-class StepTable:
-    """The CPU path's per-step table: the target slot of each request's drafter key positions
-    0..W-1, split for the gathers. Fixed for a whole step (the ranges, limits and block table
-    are), whatever the pass."""
-
-    key: tuple  # (DropRanges.version, batch size, block table address and shape)
-    slots: torch.Tensor  # [B, W] int64 target slot of drafter key positions 0..W-1; -1: not writable
-    block: torch.Tensor  # [B, W] int64 cache block of each (0 where slots is -1)
-    offset: torch.Tensor  # [B, W] int64 offset in the block
-    valid: torch.Tensor  # [B, W] bool: slots >= 0
-    arange: torch.Tensor  # [W] int64 0..W-1
-
-    @classmethod
-    def build(cls, key: tuple, md: HiViSDraftAttentionMetadata, L: int, block_size: int) -> StepTable:
-        """The table for L key positions (CPU tensors), in numpy on zero-copy views (a few small
-        numpy ops instead of ~15 torch dispatches: it is rebuilt every step). -1 / invalid where a
-        key's target position is past the request's writable limit."""
-        B = md.seq_lens.shape[0]
-        ranges = md.ranges[:, : md.used_ranges].numpy().astype(np.int64)  # [B, S, 2]
-        table = md.block_table.numpy()
-        p = np.broadcast_to(np.arange(L, dtype=np.int64), (B, L))
-        for s in range(ranges.shape[1]):  # c -> p (method/plan.py target_positions)
-            lo, hi = ranges[:, s, :1], ranges[:, s, 1:]
-            p = np.where(p >= lo, p + (hi - lo), p)
-        blk = np.take_along_axis(table, np.minimum(p // block_size, table.shape[1] - 1), axis=1).astype(np.int64)
-        valid = p <= md.limit.numpy()[:, None]
-        slots = np.where(valid, blk * block_size + p % block_size, -1)
-        t = torch.from_numpy
-        return cls(key, t(slots), t(np.where(valid, blk, 0)), t(np.where(valid, p % block_size, 0)), t(valid),
-                   torch.arange(L))
-
-
-def attend_decode_torch(md, q, k_new, v_new, kv_cache, scale: float, table: StepTable) -> torch.Tensor:
-    """A draft pass on the CPU (one new row per request, B == T): write each row's K/V at its
-    target slot, then attend over the request's drafter keys 0..L-1 - `attend_torch`'s result
-    with a handful of ops (no padding, no per-row position arithmetic: a row at drafter position
-    seq_len - 1 sees exactly the keys its request holds).
-    q: [B, Hq, D]; k_new, v_new: [B, H, D]; kv_cache: [num_blocks, H, block_size, 2 * D] -> [B, Hq, D]."""
-    B, D = q.shape[0], q.shape[2]
-    L = max(1, md.max_seq_len)
-    assert table.slots.shape[0] == B and table.slots.shape[1] >= L, (tuple(table.slots.shape), B, L)
-    seq = md.seq_lens.long()
-    slot = table.slots[table.arange[:B], seq - 1]  # [B] target slot of each request's new row
-    new_kv = torch.cat([k_new, v_new], dim=-1).to(kv_cache.dtype)  # [B, H, 2D]
-    bs = kv_cache.shape[2]
-    if not bool((slot >= 0).all()):  # rows past their limit are not written (the host sync is the CPU's)
-        new_kv, slot = new_kv[slot >= 0], slot[slot >= 0]
-    kv_cache[slot // bs, :, slot % bs] = new_kv
-    held = table.valid[:, :L] & (table.arange[:L] < seq[:, None])  # [B, L]
-    kv = kv_cache[table.block[:, :L], :, table.offset[:, :L]]  # [B, L, H, 2D]
-    mask = None  # every request holds all L keys (batch 1, or equal lengths): no mask, nothing to zero
-    if not bool(held.all()):
-        # padding keys may hold anything, NaN included: zero them (a masked score leaves 0 * NaN)
-        kv = torch.where(held[..., None, None], kv, 0.0)
-        mask = held.clone()
-        mask[:, 0] |= ~held.any(-1)  # a row past its limit sees key 0 (its drafts are discarded)
-        mask = mask[:, None, None]
-    k, v = kv[..., :D], kv[..., D:]
-    if k.dtype != q.dtype:
-        k, v = k.to(q.dtype), v.to(q.dtype)
-    o = torch.nn.functional.scaled_dot_product_attention(
-        q[:, :, None], k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=scale,
-        enable_gqa=kv.shape[2] != q.shape[1])  # [B, Hq, 1, D]
-    return o[:, :, 0]
-
-
 class HiViSDraftAttentionImpl(AttentionImpl[HiViSDraftAttentionMetadata]):
     def __init__(self, num_heads, head_size, scale, num_kv_heads=None, alibi_slopes=None, sliding_window=None,
                  kv_cache_dtype="auto", logits_soft_cap=None, attn_type=AttentionType.DECODER,
@@ -333,17 +233,37 @@ class HiViSDraftAttentionImpl(AttentionImpl[HiViSDraftAttentionMetadata]):
         self.num_heads, self.head_size, self.scale = num_heads, head_size, float(scale)
         self.num_kv_heads = num_kv_heads or num_heads
         self.kv_cache_dtype = kv_cache_dtype
-        self._table: StepTable | None = None  # CPU path: reused by the step's passes
+        self._step: StepKV | None = None  # CPU path: this step's drafter-space keys (draft_attention_cpu.py)
 
-    def _step_table(self, md: HiViSDraftAttentionMetadata, block_size: int) -> StepTable:
-        """This step's slot table, computed at its first pass (wide enough for the draft passes'
-        growth) and reused by the later ones; recomputed on a new step, batch or block table."""
-        L = max(1, md.max_seq_len)
-        key = (md.version, md.seq_lens.shape[0], md.block_table.data_ptr(), md.block_table.shape)
-        t = self._table
-        if md.version < 0 or t is None or t.key != key or t.slots.shape[1] < L:
-            t = self._table = StepTable.build(key, md, L + STEP_SLACK, block_size)
-        return t
+    def _forward_cpu(self, md: HiViSDraftAttentionMetadata, q, k, v, kv_cache) -> torch.Tensor:
+        """q: [T, Hq, D]; k, v: [T, H, D]; kv_cache: [num_blocks, H, block_size, 2D] -> [T, Hq, D].
+        A new step (version, batch or block table) starts with its first pass: that pass builds
+        the step's copy (or carries the last one over) and writes its rows to the cache too; the
+        draft passes after it write the copy only."""
+        st = self._step
+        if (st is not None and md.max_query_len == 1 and md.version >= 0
+                and st.key == (md.version, q.shape[0], md.block_table.data_ptr(), md.block_table.shape)):
+            # a draft pass of this step (one row per request, at seq_len - 1): the copy only
+            seq = md.seq_lens.numpy().astype(np.int64)
+            if st.width < int(seq.max()):
+                st = self._step = st.grown(md, int(seq.max()))
+            st.write(kv_cache, st.rows, seq - 1, torch.cat([k, v], dim=-1).to(kv_cache.dtype), to_cache=False)
+            return attend_decode(st, q, seq, self.scale)
+        qsl, seq, req, pos = pass_rows(md)
+        key = (md.version, len(seq), md.block_table.data_ptr(), md.block_table.shape)
+        first = md.version < 0 or st is None or st.key != key
+        if first:
+            q_lens, req_ids = np.diff(qsl), md.req_ids if md.version >= 0 else None
+            st = None if st is None else st.carry(key, md, kv_cache, q_lens, req_ids)
+            if st is None:
+                st = StepKV.build(key, md, kv_cache, q_lens, req_ids)
+        elif st.width < int(seq.max()):
+            st = st.grown(md, int(seq.max()))
+        self._step = st
+        st.write(kv_cache, req, pos, torch.cat([k, v], dim=-1).to(kv_cache.dtype), to_cache=first)
+        if md.max_query_len == 1 and q.shape[0] == len(seq):  # one row per request (a draft pass)
+            return attend_decode(st, q, seq, self.scale)
+        return attend_rows(st, q, qsl, seq, self.scale)
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
                 output_block_scale=None, **_):
@@ -356,24 +276,16 @@ class HiViSDraftAttentionImpl(AttentionImpl[HiViSDraftAttentionMetadata]):
         query = query.view(-1, self.num_heads, self.head_size)
         key = key.view(-1, self.num_kv_heads, self.head_size)
         value = value.view(-1, self.num_kv_heads, self.head_size)
-        k_cache, v_cache = kv_views(kv_cache, self.head_size)
         out = output.view(-1, self.num_heads, self.head_size)
-        from vllm_hivis.kernels.kv_write import write_kv, write_kv_ref
-
         if query.is_cuda:  # Triton: no host sync (CUDA-graph capturable)
+            from vllm_hivis.kernels.kv_write import write_kv
             from vllm_hivis.kernels.tree_attention import tree_attention
 
+            k_cache, v_cache = kv_views(kv_cache, self.head_size)
             write_kv(key[:T], value[:T], k_cache, v_cache, write_slots(md, T, k_cache.shape[1]))
             tree_attention(query[:T].contiguous(), k_cache, v_cache, md.block_table, md.seq_lens,
                            md.query_start_loc, None, None, self.scale, use_tree_mask=False,
                            max_q_len=md.max_query_len, out=out[:T], drop_ranges=md.ranges)
-        elif md.max_query_len == 1 and T == md.seq_lens.shape[0]:  # a draft pass: one row per request
-            out[:T] = attend_decode_torch(md, query[:T], key[:T], value[:T], kv_cache, self.scale,
-                                          self._step_table(md, k_cache.shape[1])).to(out.dtype)
         else:
-            keys = key_slots(md, self._step_table(md, k_cache.shape[1]).slots)  # [B, L]
-            # (the new rows' write slots are among the keys)
-            req, pos = rows(md, T)
-            write_kv_ref(key[:T], value[:T], k_cache, v_cache, keys[req, pos])
-            out[:T] = attend_torch(md, query, kv_cache, self.scale, T, keys).to(out.dtype)
+            out[:T] = self._forward_cpu(md, query[:T], key[:T], value[:T], kv_cache).to(out.dtype)
         return output

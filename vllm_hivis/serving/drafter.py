@@ -100,10 +100,12 @@ class HiViSDrafterModel(nn.Module):
                                                    config)])
         steps = int(spec.get("step_bias_steps", 0))
         # Row k of the table is b_k (row 0: the verified rows, no bias); loaded from "step_bias".
+        self.step_bias_steps = steps
         self.register_buffer("step_bias_table", torch.zeros(steps + 1, H, dtype=dtype), persistent=False)
-        # 1.0, or 0.0 for a text-only drafter (the baseline that reads no target feature).
-        self.register_buffer("feature_scale", torch.full((1,), float(bool(spec.get("uses_target_features", True))),
-                                                         dtype=dtype), persistent=False)
+        # Fixed by the checkpoint (Python constants, never step state): a text-only drafter (the
+        # baseline that reads no target feature) zeroes the feature; a drafter without step
+        # biases adds nothing.
+        self.reads_features = bool(spec.get("uses_target_features", True))
         layers = spec.get("feature_layers") or []
         self.feature_layers, self.rms_eps = list(layers), float(getattr(config, "rms_norm_eps", 1e-6))
         # intermediate target layers come first (sorted ids); the final one, if fused, is normed by
@@ -144,8 +146,11 @@ class HiViSDrafterModel(nn.Module):
         hidden_states: torch.Tensor,  # [num_tokens, H] the proposer's feature buffer (f_t or f̂_t)
         draft_step: torch.Tensor,  # [1] int64: k, the draft step of this forward (0 = verified rows)
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        k = draft_step.clamp(max=self.step_bias_table.shape[0] - 1)  # [1]
-        f_in = hidden_states * self.feature_scale + self.step_bias_table[k]  # [num_tokens, H]
+        f_in = hidden_states if self.reads_features else torch.zeros_like(hidden_states)  # [num_tokens, H]
+        if self.step_bias_steps:
+            # row k, clamped: steps past the table reuse its last bias (as the training twin), and
+            # dummy / capture runs that never reset the counter stay in bounds
+            f_in = f_in + self.step_bias_table[draft_step.clamp(max=self.step_bias_steps)]  # [1, H]
         h = self.fc(torch.cat((self.embed_tokens(input_ids), f_in), dim=-1))
         h, residual = self.layers[0](positions, h, None)
         h = h + residual

@@ -103,7 +103,8 @@ class HiViSProposer(EagleProposer):
         record_prefill(self.prefill_counters, req_ids, plan, num_computed, qsl, prompt_lens)
         # for the drafter's attention: each request's dropped rows, and how far it may write (its
         # window end plus the draft steps' lookahead slots)
-        self.drops.publish(plan.drop_lo, plan.drop_hi, write_limits(num_computed, qsl, self.num_speculative_tokens))
+        self.drops.publish(plan.drop_lo, plan.drop_hi, write_limits(num_computed, qsl, self.num_speculative_tokens),
+                           tuple(req_ids) if n == B else None)
         self.last_plan = plan
         return plan
 
@@ -145,12 +146,16 @@ class HiViSProposer(EagleProposer):
         """
         dev = self.input_ids.device
         M = len(plan.keep_idx)
-        keep = torch.from_numpy(plan.keep_idx).to(dev, non_blocking=True)
-        # Gather into the persistent buffers (right-hand sides are materialised first). Positions
-        # come from the plan (1-D sequence indices), never from the target's: an M-RoPE target's
-        # (Qwen2.5-VL) are three rows that jump over images by their grid size, not their length.
-        self.input_ids[:M] = self.input_ids[keep]
-        self.hidden_states[:M] = self.hidden_states[keep]
+        if plan.keeps_all:  # no row dropped this step (decode): the rows stay where they are
+            slot_mapping = cad.slot_mapping
+        else:
+            keep = torch.from_numpy(plan.keep_idx).to(dev, non_blocking=True)
+            # Gather into the persistent buffers (right-hand sides are materialised first).
+            self.input_ids[:M] = self.input_ids[keep]
+            self.hidden_states[:M] = self.hidden_states[keep]
+            slot_mapping = cad.slot_mapping[keep]
+        # Positions come from the plan (1-D sequence indices), never from the target's: an M-RoPE
+        # target's (Qwen2.5-VL) are three rows that jump over images by their grid size, not their length.
         self.positions[:M].copy_(torch.from_numpy(plan.positions), non_blocking=True)
         qsl_cpu = torch.from_numpy(plan.query_start_loc)
         qsl = qsl_cpu.to(dev, non_blocking=True)
@@ -166,7 +171,7 @@ class HiViSProposer(EagleProposer):
             num_actual_tokens=M,
             max_query_len=int(np.diff(plan.query_start_loc).max()),
             max_seq_len=int(new_ub.max()) if new_ub is not None else cad.max_seq_len,
-            slot_mapping=cad.slot_mapping[keep],
+            slot_mapping=slot_mapping,
             positions=None,
             _num_computed_tokens_cache=None,
             _token_to_req_indices_cache=None,
