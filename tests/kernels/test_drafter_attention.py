@@ -102,28 +102,38 @@ def cpu_md(args, ranges, lens, q_lens, limit, version, req_ids=None, block_table
                            version=version, req_ids=req_ids)
 
 
+def cpu_forward(impl, md, q, k, v, cache):
+    """The backend's CPU path on one pass; q arrives as the engine hands it, a strided view of the
+    fused QKV projection ([T, Hq, D] with a token stride past Hq * D)."""
+    qkv = torch.cat([q.flatten(1), q.new_zeros(q.shape[0], 7)], dim=1)
+    out = torch.full_like(q, float("nan"))
+    impl._forward_cpu(md, qkv[:, : q[0].numel()].view(q.shape), k, v, cache, out)
+    return out
+
+
 def slots_at(args, ranges, req, c):
     p = target_positions(torch.as_tensor(c), ranges[req])
     return args["block_table"][req, p // 16].long() * 16 + p % 16
 
 
-@pytest.mark.parametrize("limited", [False, True])
-def test_the_cpu_path_equals_the_kernels_reference_over_a_step(limited):
+@pytest.mark.parametrize("limited,dtype", [(False, torch.float32), (True, torch.float32), (False, torch.float16)])
+def test_the_cpu_path_equals_the_kernels_reference_over_a_step(limited, dtype):
     """serving/draft_attention.py's CPU path over one step - a first pass (5 verified rows of
     request 0, 1 of request 1) and three draft passes (one row each) - returns what the kernel's
     torch reference returns with every row written at its target slot; the first pass's rows
     reach the paged cache at their target slots, the draft passes' rows stay in the step's copy.
-    With limits: request 1's rows lie past its writable limit (never written, never visible)."""
+    With limits: request 1's rows lie past its writable limit: never written to the cache, their
+    outputs (discarded drafts) only finite. (bf16 is left out: vLLM's CPU kernel picks AMX for it
+    where torch reports AMX, and this machine's AMX instructions fault, for vLLM's layers too.)"""
     from vllm_hivis.serving.draft_attention import NO_LIMIT, HiViSDraftAttentionImpl
 
     gen = torch.Generator().manual_seed(2)
-    q, sparse, _, ranges, args, kv = case(gen, torch.float32)
+    q, sparse, _, ranges, args, kv = case(gen, dtype)
     impl = HiViSDraftAttentionImpl(4, 32, args["scale"], num_kv_heads=2)
     lens, q_lens = [37, 21], [5, 1]
     # request 1 holds drafter positions 0..20 (target 0..28): limit 27 cuts its new row 20 (target
-    # 28) and every later one; key 19 (target 27) is its last visible key
+    # 28) and every later one (never written to the cache; their drafts are discarded)
     limit = [NO_LIMIT, 27] if limited else [NO_LIMIT, NO_LIMIT]
-    n_valid = [10**6, 20] if limited else [10**6] * 2
     # the first pass's rows: the K/V the case stored at their slots; the cache starts without them
     new = [(0, c) for c in range(32, 37)] + [(1, 20)]
     slots = torch.stack([slots_at(args, ranges, r, c) for r, c in new])
@@ -137,33 +147,35 @@ def test_the_cpu_path_equals_the_kernels_reference_over_a_step(limited):
     ref = kv.clone()  # every row of the step at its target slot, for the reference
 
     def reference(q, lens, q_lens):
-        sl = [min(L, n) if ql == 1 else L for L, ql, n in zip(lens, q_lens, n_valid)]
-        a = dict(args, seq_lens=torch.tensor(sl, dtype=torch.int32),
+        a = dict(args, seq_lens=torch.tensor(lens, dtype=torch.int32),
                  query_start_loc=torch.tensor([0, q_lens[0], sum(q_lens)], dtype=torch.int32))
         return tree_attention_ref(q, *kv_views(ref, 32), **a, drop_ranges=ranges)
 
     md = cpu_md(args, ranges, lens, q_lens, limit, version=7)
-    got = impl._forward_cpu(md, q, k_new, v_new, cache)
+    got = cpu_forward(impl, md, q, k_new, v_new, cache)
     want = reference(q, lens, q_lens)
-    rows = slice(0, 5) if limited else slice(None)  # request 1's row past its limit: its drafts are discarded
-    torch.testing.assert_close(got[rows], want[rows], atol=2e-5, rtol=2e-5)
+    rows = slice(0, 5) if limited else slice(None)  # request 1's rows past its limit: drafts discarded
+    torch.testing.assert_close(got[rows], want[rows], **TOL[dtype])
     assert not torch.isnan(got).any()
     torch.testing.assert_close(cache, want_cache, equal_nan=True)  # the first pass's rows, at their slots
     after_first = cache.clone()
     for _ in range(3):  # draft passes: one row per request at drafter position seq_len - 1
         lens = [L + 1 for L in lens]
         md = cpu_md(args, ranges, lens, [1, 1], limit, version=7)
-        qd, kd, vd = (torch.randn(2, n, 32, generator=gen) for n in (4, 2, 2))
-        got = impl._forward_cpu(md, qd, kd, vd, cache)
+        qd, kd, vd = (torch.randn(2, n, 32, generator=gen).to(dtype) for n in (4, 2, 2))
+        got = cpu_forward(impl, md, qd, kd, vd, cache)
         for r in range(2):
-            if lens[r] - 1 < n_valid[r]:
+            if not (limited and r == 1):
                 write_kv_ref(kd[r:r + 1], vd[r:r + 1], *kv_views(ref, 32), slots_at(args, ranges, r, [lens[r] - 1]))
         want = reference(qd, lens, [1, 1])
-        torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+        # request 1's draft rows past its limit are discarded: finite is all they must be
+        keep = slice(0, 1) if limited else slice(None)
+        torch.testing.assert_close(got[keep], want[keep], **TOL[dtype])
+        assert not torch.isnan(got).any()
     torch.testing.assert_close(cache, after_first, equal_nan=True)  # the draft rows never reach the cache
     # a new step (version) starts over from the cache: its first pass reads the cache, not the copy
     md = cpu_md(args, ranges, [37, 21], [5, 1], limit, version=8)
-    impl._forward_cpu(md, q, k_new, v_new, cache)
+    cpu_forward(impl, md, q, k_new, v_new, cache)
     assert impl._step.key[0] == 8
 
 
@@ -181,7 +193,7 @@ def test_the_cpu_path_grows_its_copy_past_its_slack():
     for _ in range(width - 37 + 3):
         md = cpu_md(args, ranges, lens, [1, 1], [NO_LIMIT, NO_LIMIT], version=1)
         qd, kd, vd = (torch.randn(2, n, 32, generator=gen) for n in (4, 2, 2))
-        got = impl._forward_cpu(md, qd, kd, vd, kv)
+        got = cpu_forward(impl, md, qd, kd, vd, kv)
         for r in range(2):
             write_kv_ref(kd[r:r + 1], vd[r:r + 1], *kv_views(ref, 32), slots_at(args, ranges, r, [lens[r] - 1]))
         a = dict(args, seq_lens=torch.tensor(lens, dtype=torch.int32),
@@ -224,7 +236,7 @@ def test_the_cpu_path_carries_its_copy_to_the_next_step_only_when_it_may():
             md = cpu_md(a, ranges, lens, n_rows, limit, version, req_ids, block_table)
             T = sum(n_rows)
             q, k, v = (torch.randn(T, n, 32, generator=gen) for n in (4, 2, 2))
-            got = impl._forward_cpu(md, q, k, v, cache)
+            got = cpu_forward(impl, md, q, k, v, cache)
             row = 0
             for r in range(2):
                 for c in range(lens[r] - n_rows[r], lens[r]):

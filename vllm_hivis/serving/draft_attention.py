@@ -21,9 +21,9 @@ prefill chunk ending inside an image, whose drafts are discarded) are skipped.
 
 Queries follow vLLM's convention (bottom-right causal): row j of request i, with q_i rows and
 drafter sequence length L_i, is at compressed position L_i - q_i + j and attends to 0..itself.
-Attention: Triton on GPU (kernels/tree_attention.py, causal, with the position map), torch on the
-CPU (serving/draft_attention_cpu.py: one gather per step into a drafter-space copy, one SDPA call
-per pass; the kernel tests hold both to the kernel's torch reference).
+Attention: Triton on GPU (kernels/tree_attention.py, causal, with the position map); on the CPU
+vLLM's own CPU attention kernel over a drafter-space copy of the keys (serving/draft_attention_cpu.py);
+the kernel tests hold both to the Triton kernel's torch reference.
 
 KV cache: vLLM hands the layer a [num_blocks, num_kv_heads, block_size, 2 * head_dim] view in the
 global layout; K is its [..., :head_dim] half, V the other, read as [num_blocks, block_size, heads,
@@ -49,7 +49,7 @@ from vllm.v1.attention.backend import (
 )
 
 from ..method.plan import target_positions
-from .draft_attention_cpu import StepKV, attend_decode, attend_rows, pass_rows
+from .draft_attention_cpu import StepKV, pass_rows
 
 NAME = "HIVIS_DRAFT_ATTN"
 NO_LIMIT = 2**31 - 1
@@ -235,20 +235,20 @@ class HiViSDraftAttentionImpl(AttentionImpl[HiViSDraftAttentionMetadata]):
         self.kv_cache_dtype = kv_cache_dtype
         self._step: StepKV | None = None  # CPU path: this step's drafter-space keys (draft_attention_cpu.py)
 
-    def _forward_cpu(self, md: HiViSDraftAttentionMetadata, q, k, v, kv_cache) -> torch.Tensor:
-        """q: [T, Hq, D]; k, v: [T, H, D]; kv_cache: [num_blocks, H, block_size, 2D] -> [T, Hq, D].
+    def _forward_cpu(self, md: HiViSDraftAttentionMetadata, q, k, v, kv_cache, out) -> None:
+        """q, out: [T, Hq, D]; k, v: [T, H, D]; kv_cache: [num_blocks, H, block_size, 2D].
         A new step (version, batch or block table) starts with its first pass: that pass builds
         the step's copy (or carries the last one over) and writes its rows to the cache too; the
-        draft passes after it write the copy only."""
+        draft passes after it write the copy only (serving/draft_attention_cpu.py)."""
         st = self._step
         if (st is not None and md.max_query_len == 1 and md.version >= 0
                 and st.key == (md.version, q.shape[0], md.block_table.data_ptr(), md.block_table.shape)):
-            # a draft pass of this step (one row per request, at seq_len - 1): the copy only
-            seq = md.seq_lens.numpy().astype(np.int64)
-            if st.width < int(seq.max()):
-                st = self._step = st.grown(md, int(seq.max()))
-            st.write(kv_cache, st.rows, seq - 1, torch.cat([k, v], dim=-1).to(kv_cache.dtype), to_cache=False)
-            return attend_decode(st, q, seq, self.scale)
+            # a draft pass of this step (one row per request, at seq_len - 1)
+            L = int(md.seq_lens.numpy().max())
+            if st.width < L:
+                st = self._step = st.grown(md, L)
+            st.draft_pass(q, k, v, out, md, self.num_kv_heads, self.scale)
+            return
         qsl, seq, req, pos = pass_rows(md)
         key = (md.version, len(seq), md.block_table.data_ptr(), md.block_table.shape)
         first = md.version < 0 or st is None or st.key != key
@@ -260,10 +260,8 @@ class HiViSDraftAttentionImpl(AttentionImpl[HiViSDraftAttentionMetadata]):
         elif st.width < int(seq.max()):
             st = st.grown(md, int(seq.max()))
         self._step = st
-        st.write(kv_cache, req, pos, torch.cat([k, v], dim=-1).to(kv_cache.dtype), to_cache=first)
-        if md.max_query_len == 1 and q.shape[0] == len(seq):  # one row per request (a draft pass)
-            return attend_decode(st, q, seq, self.scale)
-        return attend_rows(st, q, qsl, seq, self.scale)
+        st.write(kv_cache, req, pos, k, v, to_cache=first)
+        st.attend(q, out, md, self.num_kv_heads, self.scale)
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
                 output_block_scale=None, **_):
@@ -287,5 +285,5 @@ class HiViSDraftAttentionImpl(AttentionImpl[HiViSDraftAttentionMetadata]):
                            md.query_start_loc, None, None, self.scale, use_tree_mask=False,
                            max_q_len=md.max_query_len, out=out[:T], drop_ranges=md.ranges)
         else:
-            out[:T] = self._forward_cpu(md, query[:T], key[:T], value[:T], kv_cache).to(out.dtype)
+            self._forward_cpu(md, query[:T], key[:T], value[:T], kv_cache, out[:T])
         return output

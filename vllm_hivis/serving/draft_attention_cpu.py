@@ -1,38 +1,55 @@
-"""The drafter attention's CPU path: a drafter-space copy of each request's keys.
+"""The drafter attention's CPU path: vLLM's own CPU attention kernel over a drafter-space copy.
 
 serving/draft_attention.py keeps every drafter KV row at the target slot of its row, so a read
 of drafter positions 0..L-1 is a gather through the position map. On the GPU the Triton kernel
-does that gather inside the attention; on the CPU a gather per pass is a dozen small torch ops,
-and a step makes k passes. So the CPU path keeps a dense [B, W, H, 2D] copy in drafter space
-(`StepKV`): every pass appends its rows there and attends over the copy with one SDPA call. The
-copy is gathered from the cache at a step's first pass (`StepKV.build`), or carried over from
-the last step when the batch holds the same requests in the same rows on the same blocks
-(`StepKV.carry`: steady decoding), its keys below the new rows still equal to the cache's.
+does that gather inside the attention. On the CPU the drafter keeps a private paged copy of each
+request's keys in drafter space (`StepKV`: request b's position c in the copy's block
+b * blocks_per_request + c // COPY_BLOCK), so that every pass is vLLM's fused CPU attention
+kernel (``cpu_attention_with_kv_cache``, the one the target's layers and vLLM's EAGLE drafter run)
+over contiguous positions, plus one ``cpu_attn_reshape_and_cache`` for the pass's rows: a handful
+of ops per pass instead of a gather and a padded SDPA. The copy is gathered from the cache at a
+step's first pass (`StepKV.build`), or carried over from the last step when the batch holds the
+same requests in the same rows on the same blocks (`StepKV.carry`: steady decoding), its keys
+below the new rows still equal to the cache's. The kernel's torch reference is
+kernels/tree_attention.py's ``tree_attention_ref`` with the position map (the tests hold the two
+to each other over whole steps).
 
 Which writes reach the paged cache: the first pass's rows (the verified rows, or a prefill chunk)
 do, at their target slots, as on the GPU. The draft passes' rows (one per request, positions past
-the verified rows) go to the step's copy only: no later step reads them from the cache, since the
-next step's first pass rewrites every row from its window start on (the draft rows lie at or past
-it: they follow the last accepted row), and vLLM never shares (prefix-caches) a block before its
-rows are computed, i.e. rewritten by a first pass. Their attention output is the same.
+the verified rows) go to the copy only: no later step reads them from the cache, since the next
+step's first pass rewrites every row from its window start on (the draft rows lie at or past it:
+they follow the last accepted row), and vLLM never shares (prefix-caches) a block before its rows
+are computed, i.e. rewritten by a first pass.
 
-Limits: keys whose target position is past a request's writable limit (a dummy row's lookahead,
-draft steps of a prefill chunk that ends inside an image) are never written and never visible;
-since c -> p is increasing, the visible keys of request b are a prefix 0..n_valid[b] - 1.
+Limits: rows whose target position is past their request's writable limit (a dummy row's
+lookahead, draft steps of a prefill chunk that ends inside an image) are never written to the
+cache; their drafts are discarded, so what they attend to does not matter, as long as it is
+finite: the copy holds zeros or written rows only. A row within its limit only sees keys at or
+before it, all within the limit too (c -> p is increasing).
 
-Index arithmetic runs in numpy on zero-copy views of the metadata's host tensors (a few numpy ops
-per pass instead of torch dispatches); the CPU build's metadata tensors live on the host.
+Index arithmetic runs in numpy on zero-copy views of the metadata's host tensors (the CPU build's
+metadata tensors live on the host).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import numpy as np
 import torch
 
-STEP_SLACK = 16  # key positions a step's copy holds past the first pass's longest sequence (one per draft pass)
-ROUND = 64  # the copy's width is rounded up to a multiple of this (fewer distinct shapes)
+COPY_BLOCK = 32  # positions per block of the copy (vLLM's CPU kernel wants a multiple of 32)
+STEP_SLACK = 16  # key positions a copy holds past the first pass's longest sequence (one per draft pass)
+ROUND = 64  # the copy's width per request is rounded up to a multiple of this (a multiple of COPY_BLOCK)
+
+
+@functools.cache
+def _isa(dtype: torch.dtype, head_size: int) -> str:
+    """The CPU kernel's instruction set for this layer, as vLLM's CPU backend picks it."""
+    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+    return _get_attn_isa(dtype, COPY_BLOCK, head_size, "auto")
 
 
 @dataclasses.dataclass
@@ -46,19 +63,21 @@ class StepKV:
     n_valid: np.ndarray  # [B] int64 key positions 0..n_valid-1 are writable (target position <= limit)
     n_cached: np.ndarray  # [B] int64 keys 0..n_cached-1 of the copy equal the paged cache's
     table: np.ndarray  # [B, nb] int32 the block table the copy was checked against (a copy)
-    kv: torch.Tensor  # [B, W, H, 2D] the keys (K | V halves), in the cache's dtype; finite everywhere
-    k: torch.Tensor | None = None  # [B, H, W, D] view of kv's K half (set in __post_init__)
-    v: torch.Tensor | None = None  # [B, H, W, D] view of kv's V half
-    rows: np.ndarray | None = None  # [B] int64 0..B-1
+    kv: torch.Tensor  # [B * W / COPY_BLOCK, H, 2 * COPY_BLOCK, D] the copy, in vLLM's CPU cache layout
+    k: torch.Tensor | None = None  # [blocks, H, COPY_BLOCK, D] its K half (the kernel's packed layout)
+    v: torch.Tensor | None = None  # [blocks, H, COPY_BLOCK, D] its V half
+    block_table: torch.Tensor | None = None  # [B, W / COPY_BLOCK] int32: request b's blocks, in order
+    base: np.ndarray | None = None  # [B] int64 the copy's slot of request b's position 0
 
     def __post_init__(self):
-        D = self.kv.shape[-1] // 2
-        self.k, self.v = self.kv[..., :D].transpose(1, 2), self.kv[..., D:].transpose(1, 2)
-        self.rows = np.arange(self.kv.shape[0])
+        B, W = self.p.shape
+        self.k, self.v = self.kv[:, :, :COPY_BLOCK], self.kv[:, :, COPY_BLOCK:]
+        self.block_table = torch.arange(B * W // COPY_BLOCK, dtype=torch.int32).view(B, W // COPY_BLOCK)
+        self.base = np.arange(B, dtype=np.int64) * W
 
     @property
     def width(self) -> int:
-        return self.kv.shape[1]
+        return self.p.shape[1]
 
     @staticmethod
     def width_for(L: int) -> int:
@@ -74,6 +93,11 @@ class StepKV:
             p = np.where(p >= lo, p + (hi - lo), p)
         return p
 
+    @staticmethod
+    def _empty(B: int, W: int, kv_cache: torch.Tensor) -> torch.Tensor:
+        H, D = kv_cache.shape[1], kv_cache.shape[3] // 2
+        return kv_cache.new_zeros(B * W // COPY_BLOCK, H, 2 * COPY_BLOCK, D)
+
     @classmethod
     def build(cls, key: tuple, md, kv_cache: torch.Tensor, q_lens: np.ndarray, req_ids: tuple | None) -> StepKV:
         """The copy at a step's first pass, before that pass writes its rows: key positions below
@@ -85,18 +109,13 @@ class StepKV:
         p = cls._positions(md, W)
         n_valid = (p <= md.limit.numpy()[:, None]).sum(axis=1)
         n_held = np.minimum(seq - q_lens, n_valid)  # [B] keys already in the cache
-        table = md.block_table.numpy()
-        t = torch.from_numpy
-        if len(seq) == 1:  # the held keys only; the rest stays zero
-            kv = kv_cache.new_zeros(1, W, kv_cache.shape[1], kv_cache.shape[3])
-            pb = p[0, : n_held[0]]
-            kv[0, : n_held[0]] = kv_cache[t(table[0, pb // bs].astype(np.int64)), :, t(pb % bs)]
-        else:
-            blk = np.take_along_axis(table, np.minimum(p // bs, table.shape[1] - 1), axis=1).astype(np.int64)
-            kv = kv_cache[t(blk), :, t(p % bs)]  # [B, W, H, 2D]
-            # unheld keys may hold anything, NaN included: zero them (a masked score leaves 0 * NaN)
-            kv.masked_fill_(t(np.arange(W) >= n_held[:, None])[..., None, None], 0)
-        return cls(key, req_ids, p, n_valid, n_held, table.copy(), kv)
+        st = cls(key, req_ids, p, n_valid, n_held, md.block_table.numpy().copy(), cls._empty(len(seq), W, kv_cache))
+        b, c = np.nonzero(np.arange(W) < n_held[:, None])  # the held keys (the rest stays zero: never NaN)
+        if len(b):
+            t, pc = torch.from_numpy, p[b, c]
+            held = kv_cache[t(st.table[b, pc // bs].astype(np.int64)), :, t(pc % bs)]  # [N, H, 2D]
+            st._put(b, c, held)
+        return st
 
     def carry(self, key: tuple, md, kv_cache: torch.Tensor, q_lens: np.ndarray,
               req_ids: tuple | None) -> StepKV | None:
@@ -111,7 +130,7 @@ class StepKV:
         if (n_old > self.n_cached).any() or (n_old > self.width).any():
             return None
         bs, table = kv_cache.shape[2], md.block_table.numpy()
-        used = np.where(n_old > 0, self.p[self.rows, np.maximum(n_old - 1, 0)] // bs + 1, 0)  # [B] blocks read
+        used = np.where(n_old > 0, self.p[np.arange(len(seq)), np.maximum(n_old - 1, 0)] // bs + 1, 0)  # [B] blocks
         cols = min(table.shape[1], self.table.shape[1])
         if used.max() > cols or not ((table[:, :cols] == self.table[:, :cols])
                                      | (np.arange(cols) >= used[:, None])).all():
@@ -123,81 +142,84 @@ class StepKV:
         return st
 
     def grown(self, md, L: int) -> StepKV:
-        """This step's copy, wider (more draft passes than STEP_SLACK): the same keys, zero past them."""
-        W = self.width_for(L)
-        kv = self.kv.new_zeros(self.kv.shape[0], W, *self.kv.shape[2:])
-        kv[:, : self.width] = self.kv
+        """This copy, wider (more draft passes than STEP_SLACK): the same keys, zero past them
+        (whole blocks move: the kernel's packed layout stays inside a block)."""
+        B, W = self.p.shape[0], self.width_for(L)
+        kv = self.kv.new_zeros(B * W // COPY_BLOCK, *self.kv.shape[1:])
+        kv.view(B, W // COPY_BLOCK, *kv.shape[1:])[:, : self.width // COPY_BLOCK] = \
+            self.kv.view(B, self.width // COPY_BLOCK, *kv.shape[1:])
         p = self._positions(md, W)
         n_valid = (p <= md.limit.numpy()[:, None]).sum(axis=1)
         return StepKV(self.key, self.req_ids, p, n_valid, self.n_cached, self.table, kv)
 
-    def write(self, kv_cache: torch.Tensor, req: np.ndarray, pos: np.ndarray, new_kv: torch.Tensor,
+    def _put(self, req: np.ndarray, pos: np.ndarray, kv: torch.Tensor) -> None:
+        """Rows (req, pos) of the copy <- kv [N, H, 2D] (through the kernel's own cache writer)."""
+        from vllm import _custom_ops as ops
+
+        D = kv.shape[-1] // 2
+        slots = torch.from_numpy(req * self.width + pos)
+        ops.cpu_attn_reshape_and_cache(kv[..., :D].contiguous(), kv[..., D:].contiguous(), self.k, self.v, slots,
+                                       _isa(kv.dtype, D))
+
+    def write(self, kv_cache: torch.Tensor, req: np.ndarray, pos: np.ndarray, k: torch.Tensor, v: torch.Tensor,
               to_cache: bool) -> None:
-        """Rows (req, pos) get new_kv [N, H, 2D] in the copy and, if `to_cache`, at their target
-        slots in kv_cache (those within their request's limit); otherwise the copy no longer
-        equals the cache from the first of them on."""
+        """Rows (req, pos) get k, v [N, H, D] in the copy and, if `to_cache`, at their target slots
+        in kv_cache (those within their request's limit); otherwise the copy no longer equals the
+        cache from the first of them on."""
+        from vllm import _custom_ops as ops
+
         t = torch.from_numpy
-        self.kv[t(req), t(pos)] = new_kv
+        assert k.dtype == v.dtype == self.kv.dtype and k.shape == v.shape and k.shape[0] == len(req), \
+            (k.dtype, self.kv.dtype, tuple(k.shape), len(req))
+        assert k.shape[1:] == self.k.shape[1:2] + self.k.shape[3:] and pos.max(initial=0) < self.width, \
+            (tuple(k.shape), tuple(self.k.shape), self.width)
+        ops.cpu_attn_reshape_and_cache(k, v, self.k, self.v, t(req * self.width + pos), _isa(k.dtype, k.shape[-1]))
         if not to_cache:
-            if req is self.rows:  # a draft pass: one row per request, in order
-                np.minimum(self.n_cached, pos, out=self.n_cached)
-            else:
-                np.minimum.at(self.n_cached, req, pos)
+            np.minimum.at(self.n_cached, req, pos)
             return
         ok = pos < self.n_valid[req]
+        new_kv = torch.cat([k, v], dim=-1).to(kv_cache.dtype)
         if not ok.all():
             req, pos, new_kv = req[ok], pos[ok], new_kv[t(ok)]
         p, bs = self.p[req, pos], kv_cache.shape[2]
         kv_cache[t(self.table[req, p // bs].astype(np.int64)), :, t(p % bs)] = new_kv
         np.maximum.at(self.n_cached, req, pos + 1)
 
+    def draft_pass(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, md,
+                   num_kv_heads: int, scale: float) -> None:
+        """A draft pass: one row per request, at drafter position seq_len - 1, written to the copy
+        only, then attention (`write` and `attend` in the fewest host ops: this runs k - 1 times a
+        step). q, out: [B, Hq, D]; k, v: [B, H, D]."""
+        from vllm import _custom_ops as ops
 
-def attend_decode(st: StepKV, q: torch.Tensor, seq: np.ndarray, scale: float) -> torch.Tensor:
-    """A pass with one row per request, each at drafter position seq[b] - 1 (already written):
-    attention over keys 0..min(seq[b], n_valid[b]) - 1 (at least key 0: a row past its limit
-    still needs one, its drafts are discarded).
-    q: [B, Hq, D]; seq: [B] int64 -> [B, Hq, D] in q's dtype."""
-    L = int(seq.max())
-    n_vis = np.maximum(np.minimum(seq, st.n_valid), 1)
-    mask = None if (n_vis == L).all() else torch.from_numpy(np.arange(L) < n_vis[:, None])[:, None, None]
-    k, v = st.k[:, :, :L], st.v[:, :, :L]
-    if k.dtype != q.dtype:
-        k, v = k.to(q.dtype), v.to(q.dtype)
-    o = torch.nn.functional.scaled_dot_product_attention(
-        q[:, :, None], k, v, attn_mask=mask, scale=scale, enable_gqa=k.shape[1] != q.shape[1])  # [B, Hq, 1, D]
-    return o[:, :, 0]
+        pos = md.seq_lens.numpy() - 1  # [B] (int32; the metadata's own host tensor)
+        assert pos.max() < self.width, f"a draft pass past the copy's width ({int(pos.max())} >= {self.width})"
+        assert k.dtype == self.kv.dtype and k.shape == v.shape and k.shape[0] == len(pos), (k.dtype, tuple(k.shape))
+        ops.cpu_attn_reshape_and_cache(k, v, self.k, self.v, torch.from_numpy(self.base + pos),
+                                       _isa(k.dtype, k.shape[-1]))
+        np.minimum(self.n_cached, pos, out=self.n_cached)
+        self.attend(q, out, md, num_kv_heads, scale)
 
+    def attend(self, q: torch.Tensor, out: torch.Tensor, md, num_kv_heads: int, scale: float) -> None:
+        """Bottom-right causal attention of the pass's rows over the copy, into `out`: row j of
+        request b (q_b rows, drafter sequence length seq_b) at position seq_b - q_b + j sees keys
+        0..itself. q, out: [T, Hq, D]; md: query_start_loc [B + 1], seq_lens [B] (int32)."""
+        from vllm import _custom_ops as ops
+        from vllm import envs
 
-def attend_rows(st: StepKV, q: torch.Tensor, qsl: np.ndarray, seq: np.ndarray, scale: float) -> torch.Tensor:
-    """A pass with q_b rows per request (a prefill chunk, or the verified rows), bottom-right
-    causal: row j of request b is at drafter position seq[b] - q_b + j and sees keys 0..itself
-    that are within the request's limit. Requests padded to [B, Q] queries, one SDPA call.
-    q: [T, Hq, D] (T = qsl[-1]); qsl: [B + 1]; seq: [B] -> [T, Hq, D] in q's dtype."""
-    B, T, D = len(seq), q.shape[0], q.shape[2]
-    n_q = np.diff(qsl)
-    Q, L = max(1, int(n_q.max())), max(1, int(seq.max()))
-    k, v = st.k[:, :, :L], st.v[:, :, :L]
-    if k.dtype != q.dtype:
-        k, v = k.to(q.dtype), v.to(q.dtype)
-    j = np.arange(Q)
-    pos = (seq - n_q)[:, None] + j  # [B, Q] drafter position of each padded query
-    c = np.arange(L)
-    visible = (c <= pos[..., None]) & (c < st.n_valid[:, None, None])  # [B, Q, L]
-    visible[..., 0] |= ~visible.any(-1)  # padding queries (or rows past the limit): no all-masked row
-    if B == 1 and Q == T:  # one request, no padding
-        qp, rows = q[None], None
-    else:
-        rows = np.minimum(qsl[:-1, None] + j, T - 1)  # [B, Q] batch row of each padded query
-        qp = q[torch.from_numpy(rows)]  # [B, Q, Hq, D]
-    o = torch.nn.functional.scaled_dot_product_attention(
-        qp.transpose(1, 2), k, v, attn_mask=torch.from_numpy(visible)[:, None], scale=scale,
-        enable_gqa=k.shape[1] != q.shape[1]).transpose(1, 2)  # [B, Q, Hq, D]
-    if rows is None:
-        return o[0]
-    real = j < n_q[:, None]
-    out = q.new_empty(T, q.shape[1], D)
-    out[torch.from_numpy(rows[real])] = o[torch.from_numpy(real)]
-    return out
+        # the C++ kernel trusts its arguments (a wrong dtype or shape corrupts memory): check them
+        assert q.dtype == out.dtype == self.kv.dtype and q.shape == out.shape and q.shape[-1] == self.kv.shape[-1], \
+            (q.dtype, out.dtype, self.kv.dtype, tuple(q.shape), tuple(out.shape), tuple(self.kv.shape))
+        assert q.shape[0] == md.num_actual_tokens and md.seq_lens.dtype == md.query_start_loc.dtype == torch.int32
+        isa = _isa(q.dtype, q.shape[-1])
+        sched = ops.cpu_attn_get_scheduler_metadata(
+            num_reqs=self.p.shape[0], num_heads=q.shape[1], num_kv_heads=num_kv_heads, head_dim=q.shape[2],
+            seq_lens=md.seq_lens, dtype=q.dtype, query_start_loc=md.query_start_loc, causal=True,
+            sliding_window_size=-1, isa=isa, enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV)
+        ops.cpu_attention_with_kv_cache(
+            query=q, key_cache=self.k, value_cache=self.v, output=out, query_start_loc=md.query_start_loc,
+            seq_lens=md.seq_lens, scale=scale, causal=True, alibi_slopes=None, sliding_window=-1,
+            block_table=self.block_table, softcap=0.0, scheduler_metadata=sched, s_aux=None)
 
 
 def pass_rows(md) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
