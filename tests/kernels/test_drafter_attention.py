@@ -204,16 +204,42 @@ def test_the_cpu_path_grows_its_copy_past_its_slack():
     assert impl._step.width > width
 
 
-def test_the_gpu_paths_write_slots_are_the_target_slots():
-    """write_slots (the GPU path's KV write) gives each new row its target slot, -1 past its limit."""
-    from vllm_hivis.serving.draft_attention import write_slots
+def test_mapped_slots_are_the_target_slots():
+    """The write translation (kernels/kv_write.py mapped_slots, the torch form of write_kv_mapped):
+    each new row at its target slot, -1 past its limit."""
+    from vllm_hivis.kernels.kv_write import mapped_slots
 
     gen = torch.Generator().manual_seed(2)
     q, _, _, ranges, args, _ = case(gen, torch.float32)
     md = cpu_md(args, ranges, [37, 21], [5, 1], [60, 27], version=0)
-    slots = write_slots(md, q.shape[0], 16)
+    slots = mapped_slots(md.block_table, md.seq_lens, md.query_start_loc, md.ranges, md.limit, 16)
     assert slots[:5].tolist() == slots_at(args, ranges, 0, range(32, 37)).tolist()
     assert slots[5].item() == -1  # request 1's row (target position 28) is past its limit 27
+
+
+@pytest.mark.parametrize("head_dim", [32, 128])
+@pytest.mark.parametrize("q_lens", [[5, 1], [1, 1], [20, 3]])
+def test_mapped_kv_write_kernel_matches_reference(head_dim, q_lens, device):
+    """write_kv_mapped (the GPU path's drafter KV write: position map, slots and limits in one
+    launch) == its torch reference, on caches laid out as vLLM hands them over (strided K / V
+    halves), with several tiles per request (20 rows, BLOCK_T 16) and rows past their limit."""
+    from vllm_hivis.kernels.kv_write import write_kv_mapped, write_kv_mapped_ref
+
+    gen = torch.Generator().manual_seed(6)
+    _, _, _, ranges, args, _ = case(gen, torch.float32)
+    lens = [37, 21]
+    md = cpu_md(args, ranges, lens, q_lens, [60, 27], version=0)
+    T = sum(q_lens)
+    k, v = (torch.randn(T, 2, head_dim, generator=gen) for _ in range(2))
+    kv_a, *_ = vllm_layout_cache(24, 16, 2, head_dim, torch.float16, gen)
+    kv_b = kv_a.clone().to(device)
+    write_kv_mapped_ref(k, v, *kv_views(kv_a, head_dim), md.block_table, md.seq_lens, md.query_start_loc,
+                        md.ranges, md.limit)
+    to = lambda t: t.to(device)  # noqa: E731
+    write_kv_mapped(to(k), to(v), *kv_views(kv_b, head_dim), to(md.block_table), to(md.seq_lens),
+                    to(md.query_start_loc), to(md.ranges), to(md.limit), max_q_len=max(q_lens))
+    torch.testing.assert_close(kv_b.cpu(), kv_a, equal_nan=True)
+    assert (~torch.isnan(kv_a)).sum() > 0  # something was written (the reference wrote the rows within limits)
 
 
 def test_the_cpu_path_carries_its_copy_to_the_next_step_only_when_it_may():

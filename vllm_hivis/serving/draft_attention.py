@@ -48,7 +48,6 @@ from vllm.v1.attention.backend import (
     MultipleOf,
 )
 
-from ..method.plan import target_positions
 from .draft_attention_cpu import StepKV, pass_rows
 
 NAME = "HIVIS_DRAFT_ATTN"
@@ -195,33 +194,6 @@ class HiViSDraftAttentionBackend(AttentionBackend):
         return None  # whatever the target's backend needs (kv_views reads any)
 
 
-def rows(md: HiViSDraftAttentionMetadata, T: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(request [T], compressed position [T]) of the batch's first T rows (bottom-right causal)."""
-    if md.max_query_len == 1 and T == md.seq_lens.shape[0]:  # a draft step: one row per request
-        return torch.arange(T, device=md.seq_lens.device), md.seq_lens[:T].long() - 1
-    qsl = md.query_start_loc.long()
-    q = qsl[1:] - qsl[:-1]
-    req = torch.repeat_interleave(torch.arange(len(q), device=qsl.device), q, output_size=T)
-    pos = md.seq_lens.long()[req] - q[req] + torch.arange(T, device=qsl.device) - qsl[req]
-    return req, pos
-
-
-def slots_of(md: HiViSDraftAttentionMetadata, req: torch.Tensor, target_pos: torch.Tensor,
-             block_size: int) -> torch.Tensor:
-    # req, target_pos: [...] -> [...] flat slots; positions past a request's block table clamp
-    # (callers mask them out)
-    blk = (target_pos // block_size).clamp(max=md.block_table.shape[1] - 1)
-    return md.block_table.long()[req, blk] * block_size + target_pos % block_size
-
-
-def write_slots(md: HiViSDraftAttentionMetadata, T: int, block_size: int) -> torch.Tensor:
-    """[T] int64 slot of each new row at its target position; -1 past the request's writable limit."""
-    req, pos = rows(md, T)
-    S = md.ranges.shape[1] if md.ranges.is_cuda else md.used_ranges  # GPU: a fixed graph-safe width
-    p = target_positions(pos, md.ranges[req, :S])
-    return torch.where(p <= md.limit.long()[req], slots_of(md, req, p, block_size), -1)
-
-
 class HiViSDraftAttentionImpl(AttentionImpl[HiViSDraftAttentionMetadata]):
     def __init__(self, num_heads, head_size, scale, num_kv_heads=None, alibi_slopes=None, sliding_window=None,
                  kv_cache_dtype="auto", logits_soft_cap=None, attn_type=AttentionType.DECODER,
@@ -276,11 +248,13 @@ class HiViSDraftAttentionImpl(AttentionImpl[HiViSDraftAttentionMetadata]):
         value = value.view(-1, self.num_kv_heads, self.head_size)
         out = output.view(-1, self.num_heads, self.head_size)
         if query.is_cuda:  # Triton: no host sync (CUDA-graph capturable)
-            from vllm_hivis.kernels.kv_write import write_kv
+            from vllm_hivis.kernels.kv_write import write_kv_mapped
             from vllm_hivis.kernels.tree_attention import tree_attention
 
             k_cache, v_cache = kv_views(kv_cache, self.head_size)
-            write_kv(key[:T], value[:T], k_cache, v_cache, write_slots(md, T, k_cache.shape[1]))
+            # one launch each: the writes translate positions in-kernel too (no per-range torch ops)
+            write_kv_mapped(key[:T], value[:T], k_cache, v_cache, md.block_table, md.seq_lens, md.query_start_loc,
+                            md.ranges, md.limit, max_q_len=md.max_query_len)
             tree_attention(query[:T].contiguous(), k_cache, v_cache, md.block_table, md.seq_lens,
                            md.query_start_loc, None, None, self.scale, use_tree_mask=False,
                            max_q_len=md.max_query_len, out=out[:T], drop_ranges=md.ranges)
