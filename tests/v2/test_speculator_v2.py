@@ -7,9 +7,11 @@ source; `test_v2_internals_*` hold the installed vLLM to the names, signatures a
 glue assumes, so a vLLM change fails here rather than on a GPU.
 """
 
+import contextlib
 import dataclasses
 import inspect
 from types import SimpleNamespace
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -605,3 +607,30 @@ def test_glue_falls_back_to_exact_no_spec_drafts_when_drafting_raises(caplog):
     assert spec.failures == 1 and spec._hivis_step is None and "drafter exploded" in caplog.text
     spec.propose(*args)  # drafts again
     assert spec.failures == 1 and "prefill" in spec.log
+
+
+@pytest.mark.parametrize("where", ["combine", "plan"])
+def test_glue_falls_back_when_the_combine_or_the_plan_raises(where, caplog):
+    """The protected region covers the multi-layer feature combine and the step's plan too, not
+    only the drafting: a fault in either costs one step's acceptance (token 0 drafts), never the
+    engine."""
+    pytest.importorskip("vllm.v1.worker.gpu.input_batch")
+    reqs = MIXED
+    ys, batch, last_sampled, nxt_prefill, num_sampled = fake_batch(reqs)
+    spec = make_fake_speculator(reqs, batch, torch.zeros(16, 20, dtype=torch.int64), 4)
+    B, N = batch.num_reqs, batch.num_tokens
+
+    def broken(*a, **k):
+        raise RuntimeError(f"{where} exploded")
+
+    aux = None
+    if where == "combine":
+        spec.model.combine_hidden_states = broken
+        aux = [torch.zeros(N, 2), torch.zeros(N, 2)]
+    with mock.patch.object(sv2, "plan_v2_prefill", broken) if where == "plan" else contextlib.nullcontext():
+        with caplog.at_level("ERROR", logger="vllm_hivis.speculator_v2"):
+            out = spec.propose(batch, "target-meta", "target-slots", torch.zeros(N, 2), aux, num_sampled,
+                               torch.zeros(B, dtype=torch.int32), last_sampled, nxt_prefill, torch.zeros(16),
+                               torch.zeros(16, dtype=torch.int64))
+    assert out.shape == (B, 3) and (out == 0).all() and spec.failures == 1 and spec._hivis_step is None
+    assert f"{where} exploded" in caplog.text

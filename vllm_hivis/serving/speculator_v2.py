@@ -146,20 +146,40 @@ class HiViSSpeculatorMixin:
         # temperature, seeds: [max_num_reqs]; next_prefill_tokens: [lookahead, max_num_reqs];
         # aux_hidden_states: n x [N_pad, H] for a multi-layer drafter (else None)
         self.model.begin_proposal()
-        if aux_hidden_states:  # combined here: vLLM's EagleSpeculator does it for method "eagle3" only
-            last_hidden_states = self.model.combine_hidden_states(torch.cat(aux_hidden_states, dim=-1))
-            aux_hidden_states = None
-        call = functools.partial(
-            super().propose, attn_metadata=attn_metadata, slot_mappings=slot_mappings,
-            last_hidden_states=last_hidden_states, aux_hidden_states=aux_hidden_states, num_sampled=num_sampled,
-            num_rejected=num_rejected, last_sampled=last_sampled, next_prefill_tokens=next_prefill_tokens,
-            temperature=temperature, seeds=seeds, dp_sync_state=dp_sync_state, dummy_run=dummy_run,
-            skip_attn_for_dummy_run=skip_attn_for_dummy_run, mm_inputs=mm_inputs, is_profile=is_profile,
-            num_speculative_tokens=num_speculative_tokens)
+        args = dict(attn_metadata=attn_metadata, slot_mappings=slot_mappings, last_hidden_states=last_hidden_states,
+                    aux_hidden_states=aux_hidden_states, num_sampled=num_sampled, num_rejected=num_rejected,
+                    last_sampled=last_sampled, next_prefill_tokens=next_prefill_tokens, temperature=temperature,
+                    seeds=seeds, dp_sync_state=dp_sync_state, dummy_run=dummy_run,
+                    skip_attn_for_dummy_run=skip_attn_for_dummy_run, mm_inputs=mm_inputs, is_profile=is_profile,
+                    num_speculative_tokens=num_speculative_tokens)
         B = input_batch.num_reqs
         if dummy_run or is_profile or B == 0:
-            return call(input_batch=input_batch)
+            return super().propose(input_batch=input_batch, **self._combined(args))
         assert self.pcp_manager is None and mm_inputs is None  # startup rejects context parallelism
+        # Everything from here on - the feature combine, the plan, the drafting - is protected: a
+        # fault costs one step's acceptance, never an answer or the engine (as on V1).
+        try:
+            args = self._combined(args)
+            batch = self._begin_step(input_batch, B, num_rejected)
+            draft_token_ids = super().propose(input_batch=batch, **args)
+        except Exception:
+            return self._fallback_drafts(B)
+        finally:
+            self._hivis_step = None
+        self.tracer.end(draft_token_ids)
+        return draft_token_ids
+
+    def _combined(self, args: dict) -> dict:
+        """The parent's arguments with a multi-layer drafter's auxiliary target layers (n x [N, H])
+        combined into its feature ([N, H]); vLLM's EagleSpeculator does that for "eagle3" only."""
+        if args["aux_hidden_states"]:
+            args = dict(args, last_hidden_states=self.model.combine_hidden_states(
+                torch.cat(args["aux_hidden_states"], dim=-1)), aux_hidden_states=None)
+        return args
+
+    def _begin_step(self, input_batch, B: int, num_rejected: torch.Tensor):
+        """Plan this step's drafter rows, publish the drop ranges, and return the batch the parent
+        drafts from (drafter sequence lengths); `_prefill` reads the step from `_hivis_step`."""
         req_ids = list(input_batch.req_ids[:B])
         mm = self.model_state.encoder_cache.mm_features  # a hivis target is multimodal: never silently absent
         prompt_lens = (self.req_states.prompt_len.np[input_batch.idx_mapping_np[:B]] if self.req_states is not None
@@ -177,16 +197,8 @@ class HiViSSpeculatorMixin:
             seq_lens_ub=drafter_seq_lens(input_batch.seq_lens_cpu_upper_bound, plan.seq_shift),
             num_rejected=num_rejected[:B], target_positions=input_batch.positions)
         assert (self._hivis_step.seq_lens_ub[:B] >= 1).all(), "every request keeps >= 1 drafter row"
-        batch = dataclasses.replace(input_batch, seq_lens=drafter_seq_lens(input_batch.seq_lens, plan.seq_shift),
-                                    seq_lens_cpu_upper_bound=self._hivis_step.seq_lens_ub)
-        try:
-            draft_token_ids = call(input_batch=batch)
-        except Exception:  # a drafter fault must cost acceptance, never an answer or the engine (as V1)
-            return self._fallback_drafts(B)
-        finally:
-            self._hivis_step = None
-        self.tracer.end(draft_token_ids)
-        return draft_token_ids
+        return dataclasses.replace(input_batch, seq_lens=drafter_seq_lens(input_batch.seq_lens, plan.seq_shift),
+                                   seq_lens_cpu_upper_bound=self._hivis_step.seq_lens_ub)
 
     def _fallback_drafts(self, num_reqs: int) -> torch.Tensor:
         """Drafts for a step whose drafting failed: token 0 in the parent's own persistent draft
