@@ -212,6 +212,14 @@ def test_vectorized_plan_equals_the_per_request_loop(seed):
     qsl = np.concatenate([[0], np.cumsum(q)]).astype(np.int64)
     args = (np.array(num_computed, dtype=np.int64), qsl, spans, np.array(plens))
     got, want = plan_step(*args), plan_step_loop(*args)
+    # each request's dropped ranges computed once and stacked (the proposer's cache) are the batch's
+    from vllm_hivis.method.plan import dropped_ranges, stack_ranges
+
+    stacked = stack_ranges([dropped_ranges([sp]) for sp in spans])
+    lo, hi = dropped_ranges(spans)
+    assert np.array_equal(stacked[0], lo) and np.array_equal(stacked[1], hi)
+    cached = plan_step(*args, ranges=stacked)
+    assert np.array_equal(cached.keep_idx, got.keep_idx) and np.array_equal(cached.positions, got.positions)
     for field in ("keep_idx", "offset", "req_of_row", "query_start_loc", "seq_shift", "dummy",
                   "drafter_prompt_rows", "target_prompt_rows"):
         assert np.array_equal(getattr(got, field), getattr(want, field)), field

@@ -52,13 +52,15 @@ class StepPlan:
 
 
 def plan_step(num_computed: np.ndarray, query_start_loc: np.ndarray, spans: list[np.ndarray],
-              prompt_lens: np.ndarray | None = None) -> StepPlan:
+              prompt_lens: np.ndarray | None = None,
+              ranges: tuple[np.ndarray, np.ndarray] | None = None) -> StepPlan:
     """Plan one drafter pass over a batch.
 
     num_computed:    [B] tokens of each request computed before this step (window start s)
     query_start_loc: [B + 1] rows of each request in the batch (window = s .. s + q - 1)
     spans:           B arrays [S_i, 2] of image spans (offset, length) in target positions
     prompt_lens:     [B] prompt lengths (only for the prefill counters)
+    ranges:          dropped_ranges(spans) if the caller has it (`stack_ranges` of cached rows)
 
     A window with no kept row (a prefill chunk wholly inside an image) keeps its last row as a
     dummy at the next free drafter position; the draft of a partial prefill is discarded and the
@@ -81,7 +83,7 @@ def plan_step(num_computed: np.ndarray, query_start_loc: np.ndarray, spans: list
     s0 = np.asarray(num_computed, dtype=np.int64)
     qsl = np.asarray(query_start_loc, dtype=np.int64)
     q = np.diff(qsl)
-    lo, hi = dropped_ranges(spans)  # [B, S]: request i drops target rows [lo, hi) of each span
+    lo, hi = dropped_ranges(spans) if ranges is None else ranges  # [B, S]: request i drops rows [lo, hi)
     # every row of the batch: its request and its target position
     row_req = np.repeat(np.arange(B), q)
     p = s0[row_req] + np.arange(qsl[-1], dtype=np.int64) - qsl[row_req]
@@ -145,6 +147,18 @@ def dropped_ranges(spans: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         if len(sp):
             lo[i, : len(sp)] = np.maximum(sp[:, 0] - 1, 0)
             hi[i, : len(sp)] = sp[:, 0] + sp[:, 1] - 1
+    return lo, hi
+
+
+def stack_ranges(rows: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """dropped_ranges of a batch from each request's own, computed once per request
+    (``dropped_ranges([spans])``: ([1, S_i], [1, S_i]) each): ([B, S], [B, S]), zero-padded."""
+    if len(rows) == 1:
+        return rows[0]
+    S = max(lo.shape[1] for lo, _ in rows)
+    lo, hi = np.zeros((len(rows), S), dtype=np.int64), np.zeros((len(rows), S), dtype=np.int64)
+    for i, (a, b) in enumerate(rows):
+        lo[i, : a.shape[1]], hi[i, : b.shape[1]] = a[0], b[0]
     return lo, hi
 
 

@@ -28,9 +28,11 @@ from ..method.plan import (
     StepPlan,
     compacted_sample_rows,
     drafter_seq_lens,
+    dropped_ranges,
     plan_step,
     record_prefill,
     request_spans,
+    stack_ranges,
     write_limits,
 )
 from .config import is_hivis
@@ -53,7 +55,8 @@ class HiViSProposer(EagleProposer):
         self.tracer = ProposalTracer()
         self.failures = 0  # proposals that raised and fell back (see _fallback_drafts)
         self.last_plan: StepPlan | None = None  # this step's plan (faults tests, debugging)
-        self._span_cache: dict[str, np.ndarray] = {}  # req_id -> image spans
+        self._span_cache: dict[str, tuple] = {}  # req_id -> (image spans, their dropped ranges)
+        self._no_spans = (request_spans(None), dropped_ranges([request_spans(None)]))  # padded batch rows
         self.drops = DropRanges(vllm_config.scheduler_config.max_num_seqs, max_spans(vllm_config), device)
 
     def load_model(self, target_model) -> None:
@@ -97,9 +100,10 @@ class HiViSProposer(EagleProposer):
         num_computed[:n] = batch.num_computed_tokens_cpu[:n]
         prompt_lens = np.zeros(B, dtype=np.int64)
         prompt_lens[:n] = batch.num_prompt_tokens[:n]
-        spans = [self._spans(r, requests) for r in req_ids] + [request_spans(None)] * (B - n)
+        cached = [self._spans(r, requests) for r in req_ids] + [self._no_spans] * (B - n)
         qsl = cad.query_start_loc_cpu[: B + 1].numpy().astype(np.int64)
-        plan = plan_step(num_computed, qsl, spans, prompt_lens)
+        plan = plan_step(num_computed, qsl, [c[0] for c in cached], prompt_lens,
+                         ranges=stack_ranges([c[1] for c in cached]))
         record_prefill(self.prefill_counters, req_ids, plan, num_computed, qsl, prompt_lens)
         # for the drafter's attention: each request's dropped rows, and how far it may write (its
         # window end plus the draft steps' lookahead slots)
@@ -108,14 +112,16 @@ class HiViSProposer(EagleProposer):
         self.last_plan = plan
         return plan
 
-    def _spans(self, req_id: str, requests) -> np.ndarray:
-        """A request's image spans, computed once per request (they are a property of its prompt)."""
-        sp = self._span_cache.get(req_id)
-        if sp is None:
+    def _spans(self, req_id: str, requests) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
+        """A request's image spans and their dropped ranges (plan.py ``dropped_ranges``), computed
+        once per request (they are a property of its prompt)."""
+        c = self._span_cache.get(req_id)
+        if c is None:
             if len(self._span_cache) > 2 * len(requests) + 64:  # forget finished requests
                 self._span_cache = {r: v for r, v in self._span_cache.items() if r in requests}
-            sp = self._span_cache[req_id] = request_spans(requests[req_id].mm_features)
-        return sp
+            sp = request_spans(requests[req_id].mm_features)
+            c = self._span_cache[req_id] = (sp, dropped_ranges([sp]))
+        return c
 
     def set_inputs_first_pass(self, target_token_ids, next_token_ids, target_positions, target_hidden_states,
                               token_indices_to_sample, cad, num_rejected_tokens_gpu):
