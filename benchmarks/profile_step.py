@@ -40,6 +40,15 @@ def eagle_twin(out_dir: str) -> str:
     return str(export_eagle(d, out_dir))
 
 
+def same_weight_specs(k: int) -> dict[str, dict]:
+    """The two speculative configs compared: the shipped hivis drafter, and its twin as vLLM EAGLE."""
+    from hivis_testbed import assets
+
+    twin = eagle_twin(tempfile.mkdtemp(prefix="eagle-twin-"))
+    return {"hivis": {"method": "hivis", "model": assets.tiny_drafter(), "num_speculative_tokens": k},
+            "eagle (same weights)": {"method": "eagle", "model": twin, "num_speculative_tokens": k}}
+
+
 def profiled(llm, prompts, sp, batch: int, top: int) -> dict:
     from hivis_testbed.engine import model_runner
 
@@ -97,9 +106,7 @@ def main(argv=None) -> int:
     prompts = workload("describe", args.n, size)
     sp = SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
     batches = [int(b) for b in args.batches.split(",")]
-    twin = eagle_twin(tempfile.mkdtemp(prefix="eagle-twin-"))
-    specs = {"hivis": {"method": "hivis", "model": assets.tiny_drafter(), "num_speculative_tokens": args.k},
-             "eagle (same weights)": {"method": "eagle", "model": twin, "num_speculative_tokens": args.k}}
+    specs = same_weight_specs(args.k)
     cells: dict[tuple, list[dict]] = {}
     for rep in range(args.reps):
         for name, spec in specs.items():

@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import med, meta, spread, write  # noqa: E402
-from profile_step import eagle_twin  # noqa: E402
+from profile_step import same_weight_specs  # noqa: E402
 from workloads import workload  # noqa: E402
 
 PARTS = {"propose": "propose (all of drafting)", "set_inputs_first_pass": "first-pass inputs",
@@ -95,9 +94,7 @@ def main(argv=None) -> int:
     install_timers(spent)
     prompts = workload("describe", args.n, image_size(assets.tiny_target()))
     sp = SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
-    twin = eagle_twin(tempfile.mkdtemp(prefix="eagle-twin-"))
-    specs = {"hivis": {"method": "hivis", "model": assets.tiny_drafter(), "num_speculative_tokens": args.k},
-             "eagle (same weights)": {"method": "eagle", "model": twin, "num_speculative_tokens": args.k}}
+    specs = same_weight_specs(args.k)
     cells: dict[str, list[dict]] = {}
     for rep in range(args.reps):
         for name, spec in specs.items():
