@@ -11,6 +11,7 @@ import pytest
 
 pytest.importorskip("triton")
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from vllm_hivis.kernels.kv_write import write_kv, write_kv_ref  # noqa: E402
@@ -287,6 +288,13 @@ def test_the_cpu_path_carries_its_copy_to_the_next_step_only_when_it_may():
     assert step(5, [56, 29], [4, 2], ids) is wider  # carried again (fewer drafts accepted)
     other = step(6, [61, 31], [5, 2], ("a", "c"))  # row 1 holds another request: rebuilt
     assert other is not wider
+    # the same ids with other images (a client reusing a request id): never carried over
+    other_images = ranges.clone()
+    other_images[1, 0] = torch.tensor([2, 6], dtype=torch.int32)
+    md = cpu_md(args, other_images, [66, 33], [5, 2], limit, 7, ("a", "c"))
+    assert other.carry((7,), md, kv, np.array([5, 2]), ("a", "c")) is None
+    assert other.carry((7,), cpu_md(args, ranges, [66, 33], [5, 2], limit, 7, ("a", "c")), kv,
+                       np.array([5, 2]), ("a", "c")) is other  # the control: same images, carried
     # request a's block 1 moved to a free block whose contents differ (as after a preemption whose
     # recompute landed elsewhere): carrying the copy over would read the old keys
     free = sorted(set(range(24)) - set(table.flatten().tolist()))[0]

@@ -132,7 +132,7 @@ def _plan_clear_windows(s0, q, qsl, row_req, p, lo, hi, prompt_lens) -> StepPlan
         t_rows = np.bincount(row_req[p < np.asarray(prompt_lens, dtype=np.int64)[row_req]], minlength=B)
     return StepPlan(keep_idx=np.arange(len(p), dtype=np.int64), offset=off, positions=p - off, req_of_row=row_req,
                     query_start_loc=qsl.astype(np.int32), seq_shift=shift, dummy=np.zeros(B, dtype=bool),
-                    drafter_prompt_rows=t_rows, target_prompt_rows=t_rows, identity=not off.any(), keeps_all=True,
+                    drafter_prompt_rows=t_rows, target_prompt_rows=t_rows, identity=not bool(off.any()), keeps_all=True,
                     drop_lo=lo, drop_hi=hi)
 
 

@@ -63,6 +63,7 @@ class StepKV:
     n_valid: np.ndarray  # [B] int64 key positions 0..n_valid-1 are writable (target position <= limit)
     n_cached: np.ndarray  # [B] int64 keys 0..n_cached-1 of the copy equal the paged cache's
     table: np.ndarray  # [B, nb] int32 the block table the copy was checked against (a copy)
+    ranges: np.ndarray  # [B, S, 2] int32 the dropped ranges `p` was computed from (a copy)
     kv: torch.Tensor  # [B * W / COPY_BLOCK, H, 2 * COPY_BLOCK, D] the copy, in vLLM's CPU cache layout
     k: torch.Tensor | None = None  # [blocks, H, COPY_BLOCK, D] its K half (the kernel's packed layout)
     v: torch.Tensor | None = None  # [blocks, H, COPY_BLOCK, D] its V half
@@ -109,7 +110,8 @@ class StepKV:
         p = cls._positions(md, W)
         n_valid = (p <= md.limit.numpy()[:, None]).sum(axis=1)
         n_held = np.minimum(seq - q_lens, n_valid)  # [B] keys already in the cache
-        st = cls(key, req_ids, p, n_valid, n_held, md.block_table.numpy().copy(), cls._empty(len(seq), W, kv_cache))
+        st = cls(key, req_ids, p, n_valid, n_held, md.block_table.numpy().copy(),
+                 md.ranges[:, : md.used_ranges].numpy().copy(), cls._empty(len(seq), W, kv_cache))
         b, c = np.nonzero(np.arange(W) < n_held[:, None])  # the held keys (the rest stays zero: never NaN)
         if len(b):
             t, pc = torch.from_numpy, p[b, c]
@@ -119,11 +121,13 @@ class StepKV:
 
     def carry(self, key: tuple, md, kv_cache: torch.Tensor, q_lens: np.ndarray,
               req_ids: tuple | None) -> StepKV | None:
-        """This copy, to serve the step `key`, if it may: the same requests in the same rows, every
-        key below this pass's rows still equal to the cache (the blocks that hold them unchanged:
-        a preempted and resumed request gets new ones); None otherwise. Only this pass's rows are
-        new then."""
+        """This copy, to serve the step `key`, if it may: the same requests in the same rows with
+        the same images (a client may reuse a request id), every key below this pass's rows still
+        equal to the cache (the blocks that hold them unchanged: a preempted and resumed request
+        gets new ones); None otherwise. Only this pass's rows are new then."""
         if req_ids is None or req_ids != self.req_ids:
+            return None
+        if not np.array_equal(md.ranges[:, : md.used_ranges].numpy(), self.ranges):
             return None
         seq = md.seq_lens.numpy().astype(np.int64)
         n_old = seq - q_lens
@@ -150,7 +154,7 @@ class StepKV:
             self.kv.view(B, self.width // COPY_BLOCK, *kv.shape[1:])
         p = self._positions(md, W)
         n_valid = (p <= md.limit.numpy()[:, None]).sum(axis=1)
-        return StepKV(self.key, self.req_ids, p, n_valid, self.n_cached, self.table, kv)
+        return StepKV(self.key, self.req_ids, p, n_valid, self.n_cached, self.table, self.ranges, kv)
 
     def _put(self, req: np.ndarray, pos: np.ndarray, kv: torch.Tensor) -> None:
         """Rows (req, pos) of the copy <- kv [N, H, 2D] (through the kernel's own cache writer)."""
