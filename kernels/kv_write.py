@@ -33,11 +33,15 @@ def _write_kv_kernel(
 
 
 def _check(k, v, k_cache, v_cache, slots):
+    _check_layout(k, v, k_cache, v_cache)
+    assert slots.shape == (k.shape[0],) and slots.dtype == torch.int64, "slots must be int64 [T]"
+
+
+def _check_layout(k, v, k_cache, v_cache):
     assert k.dim() == 3 and k.shape == v.shape, f"k/v must be [T, H, D] alike, got {tuple(k.shape)}, {tuple(v.shape)}"
     assert k_cache.dim() == 4 and k_cache.shape == v_cache.shape and k_cache.stride() == v_cache.stride() \
         and k_cache.stride(3) == 1, f"caches must be [num_blocks, block_size, H, D] alike, got {k_cache.stride()}"
     assert k_cache.shape[2:] == k.shape[1:], f"heads/dim differ: {tuple(k.shape)} vs {tuple(k_cache.shape)}"
-    assert slots.shape == (k.shape[0],) and slots.dtype == torch.int64, "slots must be int64 [T]"
 
 
 def write_kv(
@@ -121,7 +125,7 @@ def _write_kv_mapped_kernel(
 
 
 def _check_mapped(k, v, k_cache, v_cache, block_table, seq_lens, query_start_loc, ranges, limit):
-    _check(k, v, k_cache, v_cache, torch.zeros(k.shape[0], dtype=torch.int64))
+    _check_layout(k, v, k_cache, v_cache)
     B = seq_lens.shape[0]
     assert query_start_loc.shape == (B + 1,) and limit.shape == (B,) and block_table.shape[0] >= B, \
         (tuple(query_start_loc.shape), tuple(limit.shape), tuple(block_table.shape), B)
