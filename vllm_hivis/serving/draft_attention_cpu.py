@@ -39,6 +39,8 @@ import functools
 import numpy as np
 import torch
 
+from ..method.plan import target_positions
+
 COPY_BLOCK = 32  # positions per block of the copy (vLLM's CPU kernel wants a multiple of 32)
 STEP_SLACK = 16  # key positions a copy holds past the first pass's longest sequence (one per draft pass)
 ROUND = 64  # the copy's width per request is rounded up to a multiple of this (a multiple of COPY_BLOCK)
@@ -86,13 +88,15 @@ class StepKV:
 
     @staticmethod
     def _positions(md, W: int) -> np.ndarray:
-        """[B, W] int64 target position of drafter key positions 0..W-1 of each request."""
-        ranges = md.ranges[:, : md.used_ranges].numpy().astype(np.int64)  # [B, S, 2]
-        p = np.broadcast_to(np.arange(W, dtype=np.int64), (md.seq_lens.shape[0], W))
-        for s in range(ranges.shape[1]):  # c -> p
-            lo, hi = ranges[:, s, :1], ranges[:, s, 1:]
-            p = np.where(p >= lo, p + (hi - lo), p)
-        return p
+        """[B, W] int64 target position of drafter key positions 0..W-1 of each request (method/
+        plan.py target_positions; built when a copy is built or grown, not every step)."""
+        c = torch.arange(W).expand(md.seq_lens.shape[0], W)
+        return target_positions(c, md.ranges[:, None, : md.used_ranges]).numpy()  # ranges [B, 1, S, 2]
+
+    @staticmethod
+    def _writable(p: np.ndarray, md) -> np.ndarray:
+        """[B] int64 n_valid: how many leading key positions lie within each request's limit."""
+        return (p <= md.limit.numpy()[:, None]).sum(axis=1)
 
     @staticmethod
     def _empty(B: int, W: int, kv_cache: torch.Tensor) -> torch.Tensor:
@@ -108,7 +112,7 @@ class StepKV:
         seq = md.seq_lens.numpy().astype(np.int64)
         W, bs = cls.width_for(int(seq.max())), kv_cache.shape[2]
         p = cls._positions(md, W)
-        n_valid = (p <= md.limit.numpy()[:, None]).sum(axis=1)
+        n_valid = cls._writable(p, md)
         n_held = np.minimum(seq - q_lens, n_valid)  # [B] keys already in the cache
         st = cls(key, req_ids, p, n_valid, n_held, md.block_table.numpy().copy(),
                  md.ranges[:, : md.used_ranges].numpy().copy(), cls._empty(len(seq), W, kv_cache))
@@ -141,7 +145,7 @@ class StepKV:
             return None
         st = self if int(seq.max()) + STEP_SLACK <= self.width else self.grown(md, int(seq.max()))
         st.key, st.table = key, table.copy()
-        st.n_valid = (st.p <= md.limit.numpy()[:, None]).sum(axis=1)
+        st.n_valid = self._writable(st.p, md)
         st.n_cached = np.minimum(st.n_cached, n_old)
         return st
 
@@ -153,8 +157,7 @@ class StepKV:
         kv.view(B, W // COPY_BLOCK, *kv.shape[1:])[:, : self.width // COPY_BLOCK] = \
             self.kv.view(B, self.width // COPY_BLOCK, *kv.shape[1:])
         p = self._positions(md, W)
-        n_valid = (p <= md.limit.numpy()[:, None]).sum(axis=1)
-        return StepKV(self.key, self.req_ids, p, n_valid, self.n_cached, self.table, self.ranges, kv)
+        return StepKV(self.key, self.req_ids, p, self._writable(p, md), self.n_cached, self.table, self.ranges, kv)
 
     def _put(self, req: np.ndarray, pos: np.ndarray, kv: torch.Tensor) -> None:
         """Rows (req, pos) of the copy <- kv [N, H, 2D] (through the kernel's own cache writer)."""
