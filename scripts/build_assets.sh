@@ -4,6 +4,8 @@
 #   bash scripts/build_assets.sh drafter   # ~25 min: target-generated data, train + evaluate the drafter
 #   bash scripts/build_assets.sh baselines [text|vispec|eagle ...] # ~1.5 h for all three: text-only, image-seeing EAGLE and ViSpec-style drafters,
 #                                          # on the hivis drafter's data and step budget (benchmarks compare them)
+#   bash scripts/build_assets.sh variants [next|qwen]  # next: ~37 min (target 17 min, drafter 20 min);
+#                                          # tiny-world targets warm-started from tiny-target, graded, + a hivis drafter
 # Each copies its result into hivis_testbed/assets/ with provenance.json (command, seed, commit,
 # metrics, timings). Work directories go to runs/ (git-ignored).
 set -euo pipefail
@@ -11,7 +13,7 @@ cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh
 PY=.venv/bin/python
 ASSETS=hivis_testbed/assets
-step=${1:?usage: build_assets.sh target|drafter}
+step=${1:?usage: build_assets.sh target|drafter|baselines|variants}
 
 ship() {  # ship SRC DEST METRICS_JSON SECONDS COMMAND: copy a model dir, merge metrics into provenance
   rm -rf "$2" && cp -r "$1" "$2"
@@ -67,6 +69,29 @@ elif [[ $step == baselines ]]; then
     ship runs/baseline-$kind/drafter $ASSETS/baselines/$kind runs/baseline-$kind/metrics.json \
         $(( $(date +%s) - t0 )) "bash scripts/build_assets.sh baselines ($kind, recipe $recipe)"
   done
+elif [[ $step == variants ]]; then
+  kinds=("${@:2}"); [ ${#kinds[@]} -gt 0 ] || kinds=(next qwen)
+  for kind in "${kinds[@]}"; do
+    t0=$(date +%s)
+    extra=(); [[ $kind == qwen ]] && extra=(--distill-steps 1000 --steps 600) || extra=(--steps 400)
+    # (a finished run is reused: its provenance.json holds its own train_seconds)
+    [ -f runs/$kind/model/provenance.json ] || $PY -m hivis_testbed.tinyworld.variants $kind --out runs/$kind \
+        "${extra[@]}" --grade 40 --threads ${THREADS:-1}
+    $PY -c "import json,sys; print(json.dumps(json.load(open(sys.argv[1]))['metrics']))" runs/$kind/model/provenance.json \
+        > runs/$kind/metrics.json
+    mkdir -p $ASSETS/$kind
+    ship runs/$kind/model $ASSETS/$kind/target runs/$kind/metrics.json $(( $(date +%s) - t0 )) \
+        "bash scripts/build_assets.sh variants ($kind target)"
+    t0=$(date +%s)
+    $PY -m vllm_hivis.cli generate-data --target $ASSETS/$kind/target --out runs/$kind-data \
+        --tinyworld train:0:1500 --responses greedy,sample:1.0 --shard-size 250
+    $PY -m vllm_hivis.cli train --data runs/$kind-data --target $ASSETS/$kind/target --out runs/$kind-drafter \
+        --recipe time-aware --unroll 4 --steps 1500 --seed 0 ${THREADS:+--threads $THREADS}
+    $PY -m vllm_hivis.cli evaluate --target $ASSETS/$kind/target --drafter runs/$kind-drafter/drafter \
+        --tinyworld test:0:50 -k 5 --out runs/$kind-drafter/metrics.json
+    ship runs/$kind-drafter/drafter $ASSETS/$kind/drafter runs/$kind-drafter/metrics.json $(( $(date +%s) - t0 )) \
+        "bash scripts/build_assets.sh variants ($kind drafter)"
+  done
 else
-  echo "usage: build_assets.sh target|drafter|baselines" >&2; exit 2
+  echo "usage: build_assets.sh target|drafter|baselines|variants" >&2; exit 2
 fi

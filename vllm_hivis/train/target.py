@@ -53,8 +53,14 @@ ANY_SIZE = 224  # tiny-world image side for towers that take any size (Qwen2.5-V
 
 
 def image_size(target_dir: str | os.PathLike) -> int:
-    """The side (pixels) of the target's vision tower input (ANY_SIZE for any-size towers)."""
-    return int(check_target(target_dir)["vision_config"].get("image_size", ANY_SIZE))
+    """The side (pixels) of tiny-world scenes for this target: its vision tower's input size; for
+    towers that take any size (Qwen2.5-VL), the side it was trained on (`image_size` in its
+    provenance.json, written by hivis_testbed.tinyworld.variants), else ANY_SIZE."""
+    cfg = check_target(target_dir)
+    if "image_size" in cfg["vision_config"]:
+        return int(cfg["vision_config"]["image_size"])
+    prov = Path(target_dir) / "provenance.json"
+    return int(json.loads(prov.read_text()).get("image_size", ANY_SIZE)) if prov.is_file() else ANY_SIZE
 
 
 def image_token_id(cfg: dict) -> int:
