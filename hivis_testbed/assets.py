@@ -4,6 +4,7 @@
     assets.tiny_target()   # LLaVA target trained on the tiny world (safetensors + processor)
     assets.tiny_drafter()  # hivis drafter trained for it
     assets.baseline(kind)  # baselines on the hivis drafter's data and budget: "text", "eagle", "vispec"
+    assets.variant(kind)   # (target, drafter) of another family: "next" (LLaVA-NeXT)
 
 Each directory carries provenance.json: the command, seed, commit and metrics that made it.
 """
@@ -47,6 +48,18 @@ def baseline(kind: str) -> str:
     return str(d)
 
 
+# shipped variants; a Qwen2.5-VL one is built by hivis_testbed.tinyworld.variants but not shipped yet
+VARIANTS = {"next": "LLaVA-NeXT"}
+
+
+def variant(kind: str) -> tuple[str, str]:
+    """(target, drafter) directories of a tiny-world target of another family, warm-started from
+    the LLaVA-1.5 target (hivis_testbed.tinyworld.variants), and its hivis drafter."""
+    if kind not in VARIANTS:
+        raise ValueError(f"unknown target variant {kind!r}; expected one of {tuple(VARIANTS)}")
+    return _dir(f"{kind}/target"), _dir(f"{kind}/drafter")
+
+
 def all_assets() -> dict[str, str | None]:
     out: dict[str, str | None] = {}
     for fn, name in NAMES.items():
@@ -59,6 +72,10 @@ def all_assets() -> dict[str, str | None]:
             out[f"baseline_{kind}"] = baseline(kind)
         except FileNotFoundError:
             out[f"baseline_{kind}"] = None
+    for kind in VARIANTS:
+        for role in ("target", "drafter"):
+            d = ROOT / kind / role
+            out[f"{kind}_{role}"] = str(d) if (d / "config.json").is_file() else None
     return out
 
 
