@@ -19,23 +19,26 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def methods(k: int, names: list[str]) -> list[tuple[str, dict | None]]:
+def methods(k: int, names: list[str], target: str = "tiny") -> list[tuple[str, dict | None]]:
     """(name, speculative_config) for each served method, with the shipped drafters:
     no-spec, ngram (vLLM's prompt lookup), eagle (vLLM's own EAGLE, an image-seeing drafter),
-    text (the hivis format without target features), hivis (the shipped drafter)."""
+    text (the hivis format without target features), hivis (the shipped drafter). `target`:
+    "tiny" (the LLaVA-1.5 tiny target) or a variant ("next"), which has a hivis drafter only."""
     from hivis_testbed import assets
 
     table = {
         "no-spec": lambda: None,
         "ngram": lambda: {"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_max": 4,
                           "prompt_lookup_min": 2},
-        "eagle": lambda: {"method": "eagle", "model": assets.baseline("eagle"), "num_speculative_tokens": k},
-        "text": lambda: {"method": "hivis", "model": assets.baseline("text"), "num_speculative_tokens": k},
-        "hivis": lambda: {"method": "hivis", "model": assets.tiny_drafter(), "num_speculative_tokens": k},
+        "hivis": lambda: {"method": "hivis", "num_speculative_tokens": k,
+                          "model": assets.tiny_drafter() if target == "tiny" else assets.variant(target)[1]},
     }
+    if target == "tiny":
+        table["eagle"] = lambda: {"method": "eagle", "model": assets.baseline("eagle"), "num_speculative_tokens": k}
+        table["text"] = lambda: {"method": "hivis", "model": assets.baseline("text"), "num_speculative_tokens": k}
     unknown = [n for n in names if n not in table]
     if unknown:
-        raise SystemExit(f"error: unknown method(s) {unknown}; expected some of {list(table)}")
+        raise SystemExit(f"error: unknown method(s) {unknown} for target {target!r}; expected some of {list(table)}")
     return [(n, table[n]()) for n in names]
 
 

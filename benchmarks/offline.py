@@ -2,6 +2,7 @@
 
     python benchmarks/offline.py --out benchmarks/results/offline          # ~10 min on 2 CPU cores
     python benchmarks/offline.py --quick --out /tmp/offline                # CI: every code path, ~3 min
+    python benchmarks/offline.py --target next --methods no-spec,ngram,hivis  # many image tokens (744 per scene)
 
 Methods (one in-process vLLM engine each, `max_num_seqs` = the largest batch): no-spec, vLLM
 ``ngram``, vLLM ``eagle`` with an image-seeing drafter, the text-only drafter, hivis; plus the
@@ -18,6 +19,10 @@ acceptance in both conventions (tokens/step incl. the bonus token = vLLM's mean 
 length; τ = accepted drafts per step, the HiViS/ViSpec convention), per-position acceptance,
 drafter and target prefill tokens, the share of wall time spent proposing drafts, and for greedy
 whether the tokens equal no-spec's.
+
+``--target next``: the trained tiny-world LLaVA-NeXT target (any-resolution tiles: 744 image tokens
+per scene, 5x the LLaVA-1.5 target's 144) with its hivis drafter; no image-seeing baselines exist
+for it yet (methods no-spec, ngram, hivis).
 """
 
 from __future__ import annotations
@@ -75,7 +80,7 @@ def sweep(args, **engine_kw) -> list[dict]:
     from concurrent.futures import ProcessPoolExecutor
 
     cells: dict[tuple, list[dict]] = {}
-    for name, spec in methods(args.k, args.methods):
+    for name, spec in methods(args.k, args.methods, args.target):
         with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
             cells.update(pool.submit(sweep_method, args, name, spec, engine_kw).result())
     return summarise(cells, args)
@@ -83,14 +88,15 @@ def sweep(args, **engine_kw) -> list[dict]:
 
 def sweep_method(args, name: str, spec: dict | None, engine_kw: dict) -> dict[tuple, list[dict]]:
     """One method's cells, in this (fresh) process."""
-    from hivis_testbed import assets
     from hivis_testbed.engine import engine, model_runner
     from vllm_hivis.train.target import image_size
 
-    size = image_size(assets.tiny_target())
+    target = target_dir(args.target)
+    size = image_size(target)
     loads = {w: workload(w, args.n, size) for w in args.workloads}
     temps, batches, lengths = [float(t) for t in args.temps], [int(b) for b in args.batches], args.lengths
-    engine_kw = {"limit_mm_per_prompt": {"image": 1}, **engine_kw}
+    engine_kw = {"limit_mm_per_prompt": {"image": 1}, "model": target,
+                 **({"max_model_len": 2048} if args.target != "tiny" else {}), **engine_kw}
     cells: dict[tuple, list[dict]] = {}
     with engine(speculative_config=spec, max_num_seqs=max(batches), **engine_kw) as llm:
         timer = DraftTimer(model_runner(llm))
@@ -106,6 +112,13 @@ def sweep_method(args, name: str, spec: dict | None, engine_kw: dict) -> dict[tu
                             print(f"rep {rep} {w:8s} T={t:g} batch {b} max_tokens {n_out} {name:8s} "
                                   f"{r['tokens'] / r['wall']:7.1f} tok/s", flush=True)
     return cells
+
+
+def target_dir(kind: str) -> str:
+    """The target of `--target`: the LLaVA-1.5 tiny target, or a variant's ("next")."""
+    from hivis_testbed import assets
+
+    return assets.tiny_target() if kind == "tiny" else assets.variant(kind)[0]
 
 
 def summarise(cells: dict, args) -> list[dict]:
@@ -152,12 +165,15 @@ def offline_replay(args) -> list[dict]:
     from vllm_hivis.train.prompts import PromptItem
     from vllm_hivis.train.target import image_size
 
-    size = image_size(assets.tiny_target())
+    target = target_dir(args.target)
+    size = image_size(target)
+    drafters = ((("vispec", assets.baseline("vispec")), ("hivis", assets.tiny_drafter())) if args.target == "tiny"
+                else (("hivis", assets.variant(args.target)[1]),))
     rows = []
     for w in args.workloads:
         items = [PromptItem(f"{w}-{i}", q, imgs[0], w) for i, (q, imgs) in enumerate(cases(w, args.n, size))]
-        for name, path in (("vispec", assets.baseline("vispec")), ("hivis", assets.tiny_drafter())):
-            acc, _ = evaluate(assets.tiny_target(), path, items, args.k, args.max_tokens, progress=False)
+        for name, path in drafters:
+            acc, _ = evaluate(target, path, items, args.k, args.max_tokens, progress=False)
             s = acc.summary()
             rows.append({"workload": w, "method": name, "offline": True, "tokens_per_step": s["tokens_per_step"],
                          "accepted_per_draft": s["accepted_per_draft"], "per_position": s["per_position"]})
@@ -165,8 +181,13 @@ def offline_replay(args) -> list[dict]:
     return rows
 
 
+TARGETS = {"tiny": "Tiny target (LLaVA-1.5, 144 image tokens)",
+           "next": "Tiny LLaVA-NeXT target (744 image tokens per scene)"}
+
+
 def table(rows: list[dict], replay: list[dict], m: dict) -> list[str]:
-    lines = [f"Tiny target, {m['machine']}, vLLM {m['vllm']} (V1 runner, fp32, eager), k={m['k']}, {m['n']} prompts "
+    lines = [f"{TARGETS[m['target']]}, {m['machine']}, vLLM {m['vllm']} (V1 runner, fp32, eager), k={m['k']}, "
+             f"{m['n']} prompts "
              f"per workload, up to {m['max_tokens']} tokens, {m['reps']} repetitions (tokens/s: median [range]). "
              "Ratios within this run only.", "",
              "| workload | T | batch | max tokens | method | tokens/s | vs no-spec | TPOT ms | tokens/step | τ "
@@ -230,7 +251,10 @@ def plot(rows: list[dict], out: str) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="benchmarks/results/offline")
-    ap.add_argument("--methods", default="no-spec,ngram,eagle,text,hivis")
+    ap.add_argument("--target", default="tiny", choices=sorted(TARGETS),
+                    help="tiny: the LLaVA-1.5 tiny target; next: the LLaVA-NeXT one (744 image tokens per scene)")
+    ap.add_argument("--methods", default=None,
+                    help="default: no-spec,ngram,eagle,text,hivis (next: no-spec,ngram,hivis)")
     ap.add_argument("--workloads", default=",".join(NAMES))
     ap.add_argument("--temps", default="0,1", help="sampling temperatures (0 = greedy)")
     ap.add_argument("--batches", default="1,4,8")
@@ -244,14 +268,16 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.quick:
         args.n, args.max_tokens, args.reps, args.batches = 2, 24, 1, "1,2"
-    args.methods, args.workloads = args.methods.split(","), args.workloads.split(",")
+    args.methods = (args.methods or ("no-spec,ngram,eagle,text,hivis" if args.target == "tiny"
+                                     else "no-spec,ngram,hivis")).split(",")
+    args.workloads = args.workloads.split(",")
     args.temps, args.batches = args.temps.split(","), args.batches.split(",")
     args.lengths = [int(x) for x in args.lengths.split(",")] if args.lengths else [args.max_tokens]
     if "no-spec" not in args.methods:
         raise SystemExit("error: --methods must include no-spec (every ratio is to it)")
     rows = sweep(args)
     replay = [] if args.no_replay else offline_replay(args)
-    m = meta(argv, "offline.py", k=args.k, n=args.n, max_tokens=args.max_tokens, reps=args.reps)
+    m = meta(argv, "offline.py", target=args.target, k=args.k, n=args.n, max_tokens=args.max_tokens, reps=args.reps)
     lines = table(rows, replay, m)
     write(args.out, m, [{k: v for k, v in r.items() if k != "outputs"} for r in rows] + replay, lines)
     plot(rows, args.out)

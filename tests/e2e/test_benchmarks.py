@@ -37,6 +37,18 @@ def test_offline_quick(tmp_path):
     assert {r["method"] for r in res["rows"] if r.get("offline")} == {"vispec", "hivis"}
 
 
+def test_offline_quick_on_llava_next(tmp_path):
+    """--target next: the many-image-token workload (744 per scene) with the NeXT target's drafter."""
+    res = run("offline.py", tmp_path / "next", "--target", "next", "--workloads", "describe", "--temps", "0")
+    rows = [r for r in res["rows"] if not r.get("offline")]
+    assert {r["method"] for r in rows} == {"no-spec", "ngram", "hivis"}
+    assert all(r["same_tokens_as_no_spec"] for r in rows if r["method"] != "no-spec")
+    hivis = [r for r in rows if r["method"] == "hivis"]
+    assert all(r["drafter_prefill_tokens"] < r["target_prefill_tokens"] / 10 for r in hivis)  # 744 image rows hidden
+    assert all(r["acceptance"]["tokens_per_step"] > 2 for r in hivis)
+    assert [r["method"] for r in res["rows"] if r.get("offline")] == ["hivis"]
+
+
 def test_scaling_quick(tmp_path):
     res = run("scaling.py", tmp_path / "scaling")
     hivis = {r["image_tokens"]: r for r in res["rows"] if r["method"] == "hivis"}
