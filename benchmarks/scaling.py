@@ -43,6 +43,7 @@ def main(argv=None) -> int:
     images = [int(x) for x in args.images.split(",")]
     args.workloads = [f"images-{m}" for m in images]
     args.methods, args.temps, args.batches = args.methods.split(","), ["0"], args.batches.split(",")
+    args.target = "tiny"  # offline.sweep's target: the LLaVA-1.5 tiny target (144 image tokens per image)
     args.lengths = [int(x) for x in args.lengths.split(",")]
     rows = sweep(args, limit_mm_per_prompt={"image": max(images)}, max_model_len=1024)
     for r in rows:
