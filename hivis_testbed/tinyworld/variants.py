@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from vllm_hivis.train.target import MM_KEYS as TARGET_MM_KEYS
+
 from . import build
 from .batches import IGNORE, answer_ids
 from .dataset import sample
@@ -152,7 +154,9 @@ def chat(proc, question: str) -> str:
     return proc.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False)
 
 
-MM_KEYS = ("pixel_values", "image_sizes", "image_grid_thw")
+# the processor's image inputs (vllm_hivis.train.target.MM_KEYS less mm_token_type_ids, which the
+# processor gives for the prompt only: the loss recomputes it over prompt + answer)
+MM_KEYS = tuple(k for k in TARGET_MM_KEYS if k != "mm_token_type_ids")
 
 
 def collate(proc, samples) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
@@ -303,17 +307,13 @@ def main(argv=None):
 
 def export(model, proc, out: Path, provenance: dict) -> Path:
     """fp16 checkpoint + processor + provenance (LLaVA-NeXT in the hub layout vLLM's loader reads)."""
-    if args_kind(model) == "next":
+    if type(model).__name__.startswith("LlavaNext"):
         return build.save_llava(model, proc, out, dtype=torch.float16, provenance=provenance)
     provenance = {"image_size": SCENE_SIZE, **provenance}  # the scene side it learned (any-size tower)
     model.to(torch.float16).save_pretrained(out)
     proc.save_pretrained(out)
     (out / "provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")
     return out
-
-
-def args_kind(model) -> str:
-    return "next" if type(model).__name__.startswith("LlavaNext") else "qwen"
 
 
 if __name__ == "__main__":

@@ -141,3 +141,44 @@ def check_training_pipeline_matches_serving(target, drafter, items, trace_dir, *
                 np.testing.assert_allclose(tr["features"][j], hidden[p].numpy(), atol=2e-4, rtol=1e-3)
                 checked += 1
     assert checked > 40
+
+
+def exact_prefix_probs(target_dir, prompt, prefixes):
+    """P(prefix) under the target at T=1, by teacher forcing in transformers (fp32, HFTarget: the
+    training side's forward, so Qwen2.5-VL gets its placeholder marks). `prompt` is a one-image
+    vLLM prompt; `prefixes` a set of generated token tuples."""
+    import torch
+
+    from vllm_hivis.train.target import HFTarget
+
+    hf = HFTarget(target_dir)
+    image = prompt["multi_modal_data"]["image"]
+    ids = hf.processor(images=image, text=prompt["prompt"], return_tensors="pt",
+                       add_special_tokens=False)["input_ids"][0]  # [L] placeholders expanded
+    L, out = len(ids), {}
+    with torch.no_grad():
+        for pre in prefixes:
+            h, _, _ = hf.hidden_states(torch.cat([ids, torch.tensor(pre)]), image)  # [L + len(pre), H]
+            logp = hf.hf.lm_head(h[L - 1:]).float().log_softmax(-1)
+            out[pre] = float(np.exp(sum(float(logp[i, t]) for i, t in enumerate(pre))))
+    return out
+
+
+def check_matches_distribution(runs, probs, n, label=""):
+    """Chi-square goodness of fit of each run's samples (n token tuples per run name) against the
+    exact prefix probabilities; prefixes expected fewer than 10 times and unseen ones share one
+    "other" bin whose expected count is the remaining mass."""
+    from scipy.stats import chisquare
+
+    assert sum(probs.values()) > 0.95  # the observed prefixes carry nearly all the mass
+    common = [k for k, q in sorted(probs.items(), key=lambda kv: -kv[1]) if q * n >= 10]
+    assert len(common) >= 4, "the test needs an uncertain prompt"
+    for name, samples in runs.items():
+        assert len(samples) == n
+        obs = [sum(s == k for s in samples) for k in common]
+        obs.append(n - sum(obs))
+        exp = [probs[k] * n for k in common]
+        exp.append(n - sum(exp))
+        stat, pval = chisquare(obs, exp)
+        print(f"\n{label}{name}: chi2={stat:.1f} p={pval:.3f} over {len(common)} prefixes")
+        assert pval > 1e-3, (name, obs, exp)

@@ -11,13 +11,21 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from hivis_testbed import assets
 from hivis_testbed.tinyworld.dataset import sample
 from vllm_hivis.serving.acceptance import from_llm_metrics
 
-from .helpers import engine, hivis_spec, image_size, prompt_set, text_prompt, token_ids
+from .helpers import (
+    check_matches_distribution,
+    engine,
+    exact_prefix_probs,
+    hivis_spec,
+    image_size,
+    prompt_set,
+    text_prompt,
+    token_ids,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -87,7 +95,6 @@ def test_sampling_distribution_matches_target(reference, hivis):
     (recovered tokens). Chi-square goodness of fit of both runs against the exact probabilities
     of the target (teacher forcing in transformers)."""
     from PIL import Image
-    from scipy.stats import chisquare
     from vllm import SamplingParams
 
     n, size = 1500, image_size()
@@ -108,33 +115,5 @@ def test_sampling_distribution_matches_target(reference, hivis):
     image_id = json.load(open(f"{assets.tiny_target()}/config.json"))["image_token_index"]
     # (a sampled image-token id cannot be teacher-forced in transformers: such rare prefixes go
     # to the "other" bin, whose expected count is the remaining probability mass)
-    probs = exact_prefix_probs(p, {s for r in runs.values() for s in r if image_id not in s})
-    assert sum(probs.values()) > 0.95  # the observed prefixes carry nearly all the mass
-    common = [k for k, v in sorted(probs.items(), key=lambda kv: -kv[1]) if v * n >= 10]
-    assert len(common) >= 4, "the test needs an uncertain prompt"
-    for name, samples in runs.items():
-        obs = [sum(s == k for s in samples) for k in common]
-        obs.append(n - sum(obs))
-        exp = [probs[k] * n for k in common]
-        exp.append(n - sum(exp))
-        stat, pval = chisquare(obs, exp)
-        print(f"\n{name}: chi2={stat:.1f} p={pval:.3f} over {len(common)} prefixes")
-        assert pval > 1e-3, (name, obs, exp)
-
-
-def exact_prefix_probs(p, prefixes):
-    """P(prefix) under the target at T=1, by teacher forcing in transformers."""
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
-
-    target = LlavaForConditionalGeneration.from_pretrained(assets.tiny_target(), dtype=torch.float32).eval()
-    proc = AutoProcessor.from_pretrained(assets.tiny_target())
-    enc = proc(images=p["multi_modal_data"]["image"], text=p["prompt"], return_tensors="pt",
-               add_special_tokens=False)
-    L = enc["input_ids"].shape[1]
-    out = {}
-    with torch.no_grad():
-        for pre in prefixes:
-            ids = torch.cat([enc["input_ids"], torch.tensor([pre])], 1)
-            logp = target(input_ids=ids, pixel_values=enc["pixel_values"]).logits[0].log_softmax(-1)
-            out[pre] = float(np.exp(sum(float(logp[L - 1 + i, t]) for i, t in enumerate(pre))))
-    return out
+    probs = exact_prefix_probs(assets.tiny_target(), p, {s for r in runs.values() for s in r if image_id not in s})
+    check_matches_distribution(runs, probs, n)

@@ -15,14 +15,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from hivis_testbed import assets
 from hivis_testbed.tinyworld.dataset import sample
 from vllm_hivis.serving.acceptance import from_llm_metrics
 from vllm_hivis.train.target import image_size, image_token_id
 
-from .helpers import engine, token_ids
+from .helpers import check_matches_distribution, engine, exact_prefix_probs, token_ids
 
 pytestmark = pytest.mark.e2e
 SEEDS = np.random.default_rng(2024).integers(0, 2**31, 1500).tolist()  # see test_hivis_engine.py
@@ -110,7 +109,6 @@ def test_sampling_distribution_matches_target(variant):
     in transformers) with and without hivis; the prompt leaves the target uncertain (a colour
     question about a noise image), so drafts are both accepted and rejected."""
     from PIL import Image
-    from scipy.stats import chisquare
     from vllm import SamplingParams
 
     v, ref, hivis, _ = variant
@@ -124,35 +122,5 @@ def test_sampling_distribution_matches_target(variant):
         runs[name] = [tuple(o.outputs[0].token_ids) for o in llm.generate([p] * n, sp, use_tqdm=False)]
     acc = from_llm_metrics(hivis.get_metrics()).minus(before)
     assert 0 < acc.num_accepted < acc.num_draft_tokens, "drafts must be both accepted and rejected"
-    probs = exact_prefix_probs(v, p, {s for r in runs.values() for s in r if v.image_id not in s})
-    assert sum(probs.values()) > 0.95  # the observed prefixes carry nearly all the mass
-    common = [k for k, q in sorted(probs.items(), key=lambda kv: -kv[1]) if q * n >= 10]
-    assert len(common) >= 4, "the test needs an uncertain prompt"
-    for name, samples in runs.items():
-        obs = [sum(s == k for s in samples) for k in common]
-        obs.append(n - sum(obs))
-        exp = [probs[k] * n for k in common]
-        exp.append(n - sum(exp))
-        stat, pval = chisquare(obs, exp)
-        print(f"\n{v.kind} {name}: chi2={stat:.1f} p={pval:.3f} over {len(common)} prefixes")
-        assert pval > 1e-3, (name, obs, exp)
-
-
-def exact_prefix_probs(v, p, prefixes):
-    """P(prefix) under the target at T=1, by teacher forcing in transformers (fp32)."""
-    from transformers import AutoModelForImageTextToText
-
-    model = AutoModelForImageTextToText.from_pretrained(v.target, dtype=torch.float32, local_files_only=True).eval()
-    enc = v.processor(images=p["multi_modal_data"]["image"], text=p["prompt"], return_tensors="pt",
-                      add_special_tokens=False)
-    mm = {k: enc[k] for k in ("pixel_values", "image_sizes", "image_grid_thw") if k in enc}
-    L = enc["input_ids"].shape[1]
-    out = {}
-    with torch.no_grad():
-        for pre in prefixes:
-            ids = torch.cat([enc["input_ids"], torch.tensor([pre])], 1)
-            if "image_grid_thw" in mm:  # Qwen2.5-VL finds its images (M-RoPE) by these marks
-                mm["mm_token_type_ids"] = (ids == v.image_id).long()
-            logp = model(input_ids=ids, **mm).logits[0].float().log_softmax(-1)
-            out[pre] = float(np.exp(sum(float(logp[L - 1 + i, t]) for i, t in enumerate(pre))))
-    return out
+    probs = exact_prefix_probs(v.target, p, {s for r in runs.values() for s in r if v.image_id not in s})
+    check_matches_distribution(runs, probs, n, label=f"{v.kind} ")
