@@ -49,7 +49,7 @@ def baseline(kind: str) -> str:
 
 
 # shipped variants; a Qwen2.5-VL one is built by hivis_testbed.tinyworld.variants but not shipped yet
-VARIANTS = {"next": "LLaVA-NeXT"}
+VARIANTS = {"next": "LLaVA-NeXT", "qwen": "Qwen2.5-VL"}
 
 
 def variant(kind: str) -> tuple[str, str]:
