@@ -21,8 +21,9 @@ drafter and target prefill tokens, the share of wall time spent proposing drafts
 whether the tokens equal no-spec's.
 
 ``--target next``: the trained tiny-world LLaVA-NeXT target (any-resolution tiles: 744 image tokens
-per scene, 5x the LLaVA-1.5 target's 144) with its hivis drafter; no image-seeing baselines exist
-for it yet (methods no-spec, ngram, hivis).
+per scene, 5x the LLaVA-1.5 target's 144) with its hivis drafter; ``--target qwen``: the trained
+Qwen2.5-VL one (M-RoPE, 144 image tokens per scene). No image-seeing baselines exist for these
+yet (methods no-spec, ngram, hivis); prompts go through each target's own chat template.
 """
 
 from __future__ import annotations
@@ -88,12 +89,15 @@ def sweep(args, **engine_kw) -> list[dict]:
 
 def sweep_method(args, name: str, spec: dict | None, engine_kw: dict) -> dict[tuple, list[dict]]:
     """One method's cells, in this (fresh) process."""
+    from transformers import AutoProcessor
+
     from hivis_testbed.engine import engine, model_runner
     from vllm_hivis.train.target import image_size
 
     target = target_dir(args.target)
     size = image_size(target)
-    loads = {w: workload(w, args.n, size) for w in args.workloads}
+    processor = None if args.target == "tiny" else AutoProcessor.from_pretrained(target, local_files_only=True)
+    loads = {w: workload(w, args.n, size, processor) for w in args.workloads}
     temps, batches, lengths = [float(t) for t in args.temps], [int(b) for b in args.batches], args.lengths
     engine_kw = {"limit_mm_per_prompt": {"image": 1}, "model": target,
                  **({"max_model_len": 2048} if args.target != "tiny" else {}), **engine_kw}
@@ -115,7 +119,7 @@ def sweep_method(args, name: str, spec: dict | None, engine_kw: dict) -> dict[tu
 
 
 def target_dir(kind: str) -> str:
-    """The target of `--target`: the LLaVA-1.5 tiny target, or a variant's ("next")."""
+    """The target of `--target`: the LLaVA-1.5 tiny target, or a variant's ("next", "qwen")."""
     from hivis_testbed import assets
 
     return assets.tiny_target() if kind == "tiny" else assets.variant(kind)[0]
@@ -182,7 +186,8 @@ def offline_replay(args) -> list[dict]:
 
 
 TARGETS = {"tiny": "Tiny target (LLaVA-1.5, 144 image tokens)",
-           "next": "Tiny LLaVA-NeXT target (744 image tokens per scene)"}
+           "next": "Tiny LLaVA-NeXT target (744 image tokens per scene)",
+           "qwen": "Tiny Qwen2.5-VL target (M-RoPE, 144 image tokens per scene)"}
 
 
 def table(rows: list[dict], replay: list[dict], m: dict) -> list[str]:
@@ -252,7 +257,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="benchmarks/results/offline")
     ap.add_argument("--target", default="tiny", choices=sorted(TARGETS),
-                    help="tiny: the LLaVA-1.5 tiny target; next: the LLaVA-NeXT one (744 image tokens per scene)")
+                    help="tiny: the LLaVA-1.5 tiny target; next: the LLaVA-NeXT one (744 image tokens per scene); "
+                         "qwen: the Qwen2.5-VL one (M-RoPE)")
     ap.add_argument("--methods", default=None,
                     help="default: no-spec,ngram,eagle,text,hivis (next: no-spec,ngram,hivis)")
     ap.add_argument("--workloads", default=",".join(NAMES))

@@ -24,7 +24,13 @@ NAMES = ("describe", "qa", "photos")
 SEED = 2000  # held-out scenes: the test split from index 2000 (no drafter or target saw them)
 
 
-def chat(question: str, n_images: int = 1) -> str:
+def chat(question: str, n_images: int = 1, processor=None) -> str:
+    """The chat-template prompt with n image placeholders: the tiny LLaVA-1.5 target's template,
+    or with `processor` that target's own (the variants: LLaVA-NeXT, Qwen2.5-VL)."""
+    if processor is not None:
+        content = [{"type": "image"}] * n_images + [{"type": "text", "text": question}]
+        return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                             tokenize=False)
     head = "<s>" + prompt_text(question, with_image=n_images > 0)
     return head.replace(f"{IMAGE_TOKEN}\n", f"{IMAGE_TOKEN}\n" * n_images, 1) if n_images > 1 else head
 
@@ -59,7 +65,8 @@ def cases(name: str, n: int, image_size: int) -> list[tuple[str, list]]:
     raise ValueError(f"unknown workload {name!r}; expected one of {NAMES} or images-N")
 
 
-def workload(name: str, n: int, image_size: int) -> list[dict]:
-    """The vLLM prompts of `cases`."""
-    return [{"prompt": chat(q, len(imgs)), "multi_modal_data": {"image": imgs[0] if len(imgs) == 1 else imgs}}
+def workload(name: str, n: int, image_size: int, processor=None) -> list[dict]:
+    """The vLLM prompts of `cases` (`processor`: see `chat`)."""
+    return [{"prompt": chat(q, len(imgs), processor),
+             "multi_modal_data": {"image": imgs[0] if len(imgs) == 1 else imgs}}
             for q, imgs in cases(name, n, image_size)]
