@@ -29,22 +29,28 @@ def _source(meta: dict) -> str:
 
 
 def offline(res: dict) -> list[str]:
-    """Greedy rows: tokens/s of no-spec, every method's ratio to it, hivis / eagle, and τ."""
+    """Greedy rows: tokens/s of no-spec, every method's ratio to it, hivis / eagle (when eagle
+    ran), and τ of the drafting methods."""
     rows = [r for r in res["rows"] if not r.get("offline") and r["temperature"] == 0]
     cell = {(r["workload"], r["batch"], r["method"]): r for r in rows}
-    methods = ["ngram", "eagle", "text", "hivis"]
-    out = ["| workload | batch | no-spec tok/s | " + " | ".join(methods)
-           + " | hivis / eagle | τ eagle / text / hivis |", "|---|---|---|" + "---|" * len(methods) + "---|---|"]
+    ran = {r["method"] for r in rows}
+    methods = [m for m in ("ngram", "eagle", "text", "hivis") if m in ran]
+    taus = [m for m in ("eagle", "text", "hivis") if m in ran]
+    vs_eagle = "eagle" in ran and "hivis" in ran
+    out = ["| workload | batch | no-spec tok/s | " + " | ".join(methods) + (" | hivis / eagle" if vs_eagle else "")
+           + f" | τ {' / '.join(taus)} |",
+           "|---|---|---|" + "---|" * len(methods) + ("---|" if vs_eagle else "") + "---|"]
     for w in dict.fromkeys(r["workload"] for r in rows):
         for b in sorted({r["batch"] for r in rows if r["workload"] == w}):
             base = cell[(w, b, "no-spec")]
             tps = {m: statistics.median(cell[(w, b, m)]["tokens_per_s"]) for m in ["no-spec", *methods]}
-            ratio = tps["hivis"] / tps["eagle"]
-            tau = " / ".join(f"{cell[(w, b, m)]['acceptance']['accepted_per_draft']:.2f}"
-                             for m in ("eagle", "text", "hivis"))
-            out.append(f"| {w} | {b} | {statistics.median(base['tokens_per_s']):.0f} | "
-                       + " | ".join(f"{tps[m] / tps['no-spec']:.2f}x" for m in methods)
-                       + f" | {'**' if ratio >= 1 else ''}{ratio:.2f}x{'**' if ratio >= 1 else ''} | {tau} |")
+            tau = " / ".join(f"{cell[(w, b, m)]['acceptance']['accepted_per_draft']:.2f}" for m in taus)
+            line = (f"| {w} | {b} | {statistics.median(base['tokens_per_s']):.0f} | "
+                    + " | ".join(f"{tps[m] / tps['no-spec']:.2f}x" for m in methods))
+            if vs_eagle:
+                ratio = tps["hivis"] / tps["eagle"]
+                line += f" | {'**' if ratio >= 1 else ''}{ratio:.2f}x{'**' if ratio >= 1 else ''}"
+            out.append(line + f" | {tau} |")
     return out + ["", "From " + _source(res["meta"]) + "."]
 
 
@@ -76,7 +82,8 @@ def scaling(res: dict) -> list[str]:
     return out + ["", "From " + _source(res["meta"]) + "."]
 
 
-RENDER = {"offline": offline, "step_parts": step_parts, "scaling": scaling}
+RENDER = {"offline": offline, "offline-next": offline, "offline-qwen": offline,  # (the variant targets)
+          "step_parts": step_parts, "scaling": scaling}
 
 
 def render(text: str) -> str:
