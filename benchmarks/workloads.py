@@ -15,6 +15,7 @@ from __future__ import annotations
 from hivis_testbed.tinyworld.build import IMAGE_TOKEN, prompt_text
 from hivis_testbed.tinyworld.dataset import sample
 from hivis_testbed.tinyworld.prompts import KINDS
+from vllm_hivis.train.prompts import chat_text
 
 PHOTOS = ["astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field", "retina", "camera",
           "coins", "clock", "horse", "moon"]
@@ -28,9 +29,7 @@ def chat(question: str, n_images: int = 1, processor=None) -> str:
     """The chat-template prompt with n image placeholders: the tiny LLaVA-1.5 target's template,
     or with `processor` that target's own (the variants: LLaVA-NeXT, Qwen2.5-VL)."""
     if processor is not None:
-        content = [{"type": "image"}] * n_images + [{"type": "text", "text": question}]
-        return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
-                                             tokenize=False)
+        return chat_text(processor, question, n_images)
     head = "<s>" + prompt_text(question, with_image=n_images > 0)
     return head.replace(f"{IMAGE_TOKEN}\n", f"{IMAGE_TOKEN}\n" * n_images, 1) if n_images > 1 else head
 

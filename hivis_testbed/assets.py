@@ -48,7 +48,7 @@ def baseline(kind: str) -> str:
     return str(d)
 
 
-# shipped variants; a Qwen2.5-VL one is built by hivis_testbed.tinyworld.variants but not shipped yet
+# shipped variants (built by hivis_testbed.tinyworld.variants: `bash scripts/build_assets.sh variants`)
 VARIANTS = {"next": "LLaVA-NeXT", "qwen": "Qwen2.5-VL"}
 
 

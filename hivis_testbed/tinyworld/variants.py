@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from vllm_hivis.train.prompts import chat_text
 from vllm_hivis.train.target import MM_KEYS as TARGET_MM_KEYS
 
 from . import build
@@ -149,11 +150,6 @@ def _check_same_text_logits(llava, qwen, tok) -> None:
     assert torch.allclose(a, b, atol=1e-4), f"the copied language model differs: {(a - b).abs().max():.2e}"
 
 
-def chat(proc, question: str) -> str:
-    content = [{"type": "image"}, {"type": "text", "text": question}]
-    return proc.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False)
-
-
 # the processor's image inputs (vllm_hivis.train.target.MM_KEYS less mm_token_type_ids, which the
 # processor gives for the prompt only: the loss recomputes it over prompt + answer)
 MM_KEYS = tuple(k for k in TARGET_MM_KEYS if k != "mm_token_type_ids")
@@ -162,7 +158,7 @@ MM_KEYS = tuple(k for k in TARGET_MM_KEYS if k != "mm_token_type_ids")
 def collate(proc, samples) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """Right-padded (ids [B, T], labels [B, T], attention [B, T], image inputs) of prompt + answer."""
     tok = proc.tokenizer
-    enc = proc(images=[s.image for s in samples], text=[chat(proc, s.qa.question) for s in samples],
+    enc = proc(images=[s.image for s in samples], text=[chat_text(proc, s.qa.question) for s in samples],
                return_tensors="pt", padding=True, padding_side="right", add_special_tokens=False)
     rows, labs = [], []
     for i, s in enumerate(samples):
@@ -249,7 +245,8 @@ def grade(model, proc, n: int = 50) -> dict:
     tok = proc.tokenizer
     for i in tqdm(range(n), desc="grade", mininterval=5):
         s = sample("test", i, SCENE_SIZE, kind="describe")
-        enc = proc(images=[s.image], text=[chat(proc, s.qa.question)], return_tensors="pt", add_special_tokens=False)
+        enc = proc(images=[s.image], text=[chat_text(proc, s.qa.question)], return_tensors="pt",
+                   add_special_tokens=False)
         out = model.generate(**enc, max_new_tokens=96, do_sample=False, pad_token_id=tok.pad_token_id,
                              eos_token_id=tok.eos_token_id)
         text = tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()

@@ -19,6 +19,7 @@ import pytest
 from hivis_testbed import assets
 from hivis_testbed.tinyworld.dataset import sample
 from vllm_hivis.serving.acceptance import from_llm_metrics
+from vllm_hivis.train.prompts import chat_text
 from vllm_hivis.train.target import image_size, image_token_id
 
 from .helpers import check_matches_distribution, engine, exact_prefix_probs, token_ids
@@ -39,9 +40,7 @@ class Variant:
 
     def prompt(self, question, images=()):
         """A vLLM prompt through the target's own chat template (one placeholder per image)."""
-        content = [{"type": "image"} for _ in images] + [{"type": "text", "text": question}]
-        text = self.processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
-                                                  tokenize=False)
+        text = chat_text(self.processor, question, len(images))
         return {"prompt": text, **({"multi_modal_data": {"image": list(images)}} if images else {})}
 
     def prompt_set(self):

@@ -9,6 +9,7 @@ import torch
 from hivis_testbed import assets
 from hivis_testbed.tinyworld import variants
 from hivis_testbed.tinyworld.dataset import sample
+from vllm_hivis.train.prompts import chat_text
 
 TEXT = "<s>USER: How many shapes are there? ASSISTANT: There are"
 
@@ -28,7 +29,7 @@ def test_next_keeps_llava_weights_and_tiles_the_scene(scene):
     llava, tok = variants._llava(assets.tiny_target())
     model, proc = variants.convert_next(assets.tiny_target())
     torch.testing.assert_close(text_logits(model, tok, tok.vocab_size), text_logits(llava, tok, tok.vocab_size))
-    enc = proc(images=[scene.image], text=[variants.chat(proc, scene.qa.question)], return_tensors="pt",
+    enc = proc(images=[scene.image], text=[chat_text(proc, scene.qa.question)], return_tensors="pt",
                add_special_tokens=False)
     # base view 12x12 patches + four 2x tiles (24x24) with one newline per tile row
     assert (enc["input_ids"] == model.config.image_token_index).sum() == 144 + 24 * 25
@@ -43,7 +44,7 @@ def test_qwen_copies_the_language_model_and_matches_llava_patches(scene):
     n_old = llava.config.text_config.vocab_size
     assert len(tok) == n_old + len(variants.VISION_TOKENS)
     torch.testing.assert_close(text_logits(model, tok, n_old), text_logits(llava, tok, n_old), atol=1e-4, rtol=0)
-    enc = proc(images=[scene.image], text=[variants.chat(proc, scene.qa.question)], return_tensors="pt",
+    enc = proc(images=[scene.image], text=[chat_text(proc, scene.qa.question)], return_tensors="pt",
                add_special_tokens=False)
     # 168 px upscaled to 336 (min_pixels): 12 x 12 merged tokens, one per LLaVA patch
     assert enc["image_grid_thw"].tolist() == [[1, 24, 24]]

@@ -25,6 +25,13 @@ from pathlib import Path
 from .data import DataError
 
 
+def chat_text(processor, question: str, n_images: int = 1) -> str:
+    """The target's chat-template prompt for one user turn: n image placeholders, then the question."""
+    content = [{"type": "image"}] * n_images + [{"type": "text", "text": question}]
+    return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                         tokenize=False)
+
+
 @dataclasses.dataclass
 class PromptItem:
     id: str
@@ -35,9 +42,7 @@ class PromptItem:
     def chat_text(self, processor) -> str:
         """The target's chat-template prompt for this item (one image placeholder if it has an image):
         what vLLM is sent for data generation and what the offline evaluator tokenizes."""
-        content = ([{"type": "image"}] if self.image is not None else []) + [{"type": "text", "text": self.question}]
-        return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
-                                             tokenize=False)
+        return chat_text(processor, self.question, int(self.image is not None))
 
 
 def tinyworld_source(spec: str, image_size: int, prompt_kind: str = "mix") -> dict:
