@@ -92,7 +92,7 @@ def test_kv_write_kernel_matches_reference(head_dim, device):
     assert torch.isnan(kv_a).sum() == kv_a.numel() - 5 * 2 * 2 * head_dim  # only the 5 real rows written
 
 
-def cpu_md(args, ranges, lens, q_lens, limit, version, req_ids=None, block_table=None):
+def cpu_md(args, ranges, lens, q_lens, limit, version, req_ids=None, block_table=None, ranges_version=-1):
     from types import SimpleNamespace
 
     qsl = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
@@ -100,7 +100,7 @@ def cpu_md(args, ranges, lens, q_lens, limit, version, req_ids=None, block_table
                            block_table=args["block_table"] if block_table is None else block_table, ranges=ranges,
                            used_ranges=ranges.shape[1], max_seq_len=max(lens), max_query_len=max(q_lens),
                            num_actual_tokens=sum(q_lens), limit=torch.tensor(limit, dtype=torch.int32),
-                           version=version, req_ids=req_ids)
+                           version=version, req_ids=req_ids, ranges_version=ranges_version)
 
 
 def cpu_forward(impl, md, q, k, v, cache):
@@ -291,10 +291,12 @@ def test_the_cpu_path_carries_its_copy_to_the_next_step_only_when_it_may():
     # the same ids with other images (a client reusing a request id): never carried over
     other_images = ranges.clone()
     other_images[1, 0] = torch.tensor([2, 6], dtype=torch.int32)
-    md = cpu_md(args, other_images, [66, 33], [5, 2], limit, 7, ("a", "c"))
+    # (DropRanges.ranges_version: ranges published since the copy read its own are compared)
+    md = cpu_md(args, other_images, [66, 33], [5, 2], limit, 7, ("a", "c"), ranges_version=3)
     assert other.carry((7,), md, kv, np.array([5, 2]), ("a", "c")) is None
-    assert other.carry((7,), cpu_md(args, ranges, [66, 33], [5, 2], limit, 7, ("a", "c")), kv,
+    assert other.carry((7,), cpu_md(args, ranges, [66, 33], [5, 2], limit, 7, ("a", "c"), ranges_version=3), kv,
                        np.array([5, 2]), ("a", "c")) is other  # the control: same images, carried
+    assert other.ranges_version == 3  # from now on, version 3's ranges are known to equal the copy's
     # request a's block 1 moved to a free block whose contents differ (as after a preemption whose
     # recompute landed elsewhere): carrying the copy over would read the old keys
     free = sorted(set(range(24)) - set(table.flatten().tolist()))[0]

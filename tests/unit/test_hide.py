@@ -234,3 +234,45 @@ def test_write_limits_are_window_end_plus_lookahead():
 
     got = write_limits(np.array([3, 10]), np.array([0, 4, 5, 5, 5]), 5)
     assert got.tolist() == [3 + 4 + 5, 10 + 1 + 5] and got.dtype == np.int64
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_the_steady_decode_plan_equals_plan_step(seed):
+    """plan_decode (the proposer's per-step fast path) returns plan_step's plan whenever every
+    window starts past its request's prompt and images, and declines otherwise."""
+    from vllm_hivis.method.plan import dropped_ranges, plan_decode, stack_ranges, steady_batch
+
+    rng = np.random.default_rng(100 + seed)
+    B = int(rng.integers(1, 9))
+    spans, plens = [], []
+    for _ in range(B):
+        sp, at = [], int(rng.integers(0, 4))
+        for _ in range(int(rng.integers(0, 3))):
+            ln = int(rng.integers(1, 30))
+            sp.append((at, ln))
+            at += ln + int(rng.integers(1, 6))
+        spans.append(as_spans(sp))
+        plens.append(at + int(rng.integers(0, 8)))
+    plens = np.array(plens, dtype=np.int64)
+    steady = steady_batch(("batch", seed), stack_ranges([dropped_ranges([sp]) for sp in spans]), plens)
+    for trial in range(6):
+        early = trial % 3 == 2  # one request still inside its prompt: not steady
+        num_computed = plens + rng.integers(0, 40, size=B)
+        if early:
+            num_computed[int(rng.integers(0, B))] = int(rng.integers(0, 3))
+        q = rng.integers(1, 7, size=B)
+        qsl = np.concatenate([[0], np.cumsum(q)]).astype(np.int32)
+        want = plan_step(num_computed, qsl.astype(np.int64), spans, plens)
+        got = plan_decode(num_computed.astype(np.int32), qsl, steady)
+        if early and want.target_prompt_rows.any():
+            assert got is None
+            continue
+        if got is None:  # an early window that happened to start exactly at clear_from
+            assert early
+            continue
+        for field in ("keep_idx", "offset", "positions", "req_of_row", "query_start_loc", "seq_shift", "dummy",
+                      "drafter_prompt_rows", "target_prompt_rows", "drop_lo", "drop_hi"):
+            assert np.array_equal(getattr(got, field), getattr(want, field)), field
+        assert got.identity == want.identity and got.keeps_all and want.keeps_all
+    empty = np.concatenate([[0], np.cumsum(np.r_[np.zeros(1, int), np.ones(B - 1, int)])]).astype(np.int32)
+    assert plan_decode(plens, empty, steady) is None  # a request without rows: the general path

@@ -73,8 +73,10 @@ class DropRanges:
     def __init__(self, max_reqs: int, max_spans: int, device: torch.device):
         self.device, self.used, self.req_ids = device, 1, None
         self.version = 0  # bumped by every publish (once per step): per-step caches key on it
+        self.ranges_version = 0  # bumped when the ranges are rewritten (not by publish_limits)
         self._allocate(max_reqs, max(1, max_spans))
         self._limit_cpu = torch.full((max_reqs,), NO_LIMIT, dtype=torch.int32, pin_memory=device.type == "cuda")
+        self._limit_np = self._limit_cpu.numpy()  # (a view: its host memory)
         self.limit = (self._limit_cpu if device.type == "cpu"
                       else torch.full((max_reqs,), NO_LIMIT, dtype=torch.int32, device=device))  # [R]
         self._copied = None  # CUDA: an event after the last host-to-device copies of the pinned buffers
@@ -102,7 +104,7 @@ class DropRanges:
         r = self._ranges_cpu.numpy()
         r[:B] = 0
         r[:B, :S, 0], r[:B, :S, 1] = lo, hi
-        self._limit_cpu.numpy()[:B] = np.minimum(limit, NO_LIMIT)
+        self._limit_np[:B] = np.minimum(limit, NO_LIMIT)
         if self.device.type != "cpu":
             self.ranges[:B].copy_(self._ranges_cpu[:B], non_blocking=True)
             self.limit[:B].copy_(self._limit_cpu[:B], non_blocking=True)
@@ -111,6 +113,21 @@ class DropRanges:
             self._copied.record()
         self.used = S
         self.req_ids = req_ids
+        self.version += 1
+        self.ranges_version += 1
+
+    def publish_limits(self, limit: np.ndarray) -> None:
+        """A step of the requests of the last publish, in the same rows (their ranges unchanged):
+        only the write limits change. limit: [B] last writable target position."""
+        if self._copied is not None:
+            self._copied.synchronize()
+        B = len(limit)
+        self._limit_np[:B] = limit
+        if self.device.type != "cpu":
+            self.limit[:B].copy_(self._limit_cpu[:B], non_blocking=True)
+        if self.device.type == "cuda":
+            self._copied = torch.cuda.Event()
+            self._copied.record()
         self.version += 1
 
 
@@ -140,6 +157,7 @@ class HiViSDraftAttentionMetadata:
     limit: torch.Tensor  # [B] last target position each request may write
     used_ranges: int = 1  # the batch's largest number of ranges (the torch path walks only these)
     version: int = -1  # DropRanges.version this metadata was built under (-1: no per-step caching)
+    ranges_version: int = -1  # DropRanges.ranges_version: equal versions, equal ranges
     req_ids: tuple | None = None  # the batch's requests, row by row, if known (host side, CPU path)
 
 
@@ -165,6 +183,7 @@ class HiViSDraftAttentionMetadataBuilder(AttentionMetadataBuilder[HiViSDraftAtte
             limit=drops.limit[:B] if drops is not None else torch.full((B,), NO_LIMIT, dtype=torch.int32,
                                                                         device=cm.seq_lens.device),
             used_ranges=drops.used if drops is not None else 1, version=drops.version if drops is not None else -1,
+            ranges_version=drops.ranges_version if drops is not None else -1,
             req_ids=drops.req_ids if drops is not None else None)
 
 

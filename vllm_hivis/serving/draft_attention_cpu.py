@@ -71,6 +71,7 @@ class StepKV:
     v: torch.Tensor | None = None  # [blocks, H, COPY_BLOCK, D] its V half
     block_table: torch.Tensor | None = None  # [B, W / COPY_BLOCK] int32: request b's blocks, in order
     base: np.ndarray | None = None  # [B] int64 the copy's slot of request b's position 0
+    ranges_version: int = -1  # DropRanges.ranges_version `ranges` were read under (-1: compare them)
 
     def __post_init__(self):
         B, W = self.p.shape
@@ -115,7 +116,8 @@ class StepKV:
         n_valid = cls._writable(p, md)
         n_held = np.minimum(seq - q_lens, n_valid)  # [B] keys already in the cache
         st = cls(key, req_ids, p, n_valid, n_held, md.block_table.numpy().copy(),
-                 md.ranges[:, : md.used_ranges].numpy().copy(), cls._empty(len(seq), W, kv_cache))
+                 md.ranges[:, : md.used_ranges].numpy().copy(), cls._empty(len(seq), W, kv_cache),
+                 ranges_version=md.ranges_version)
         b, c = np.nonzero(np.arange(W) < n_held[:, None])  # the held keys (the rest stays zero: never NaN)
         if len(b):
             t, pc = torch.from_numpy, p[b, c]
@@ -131,20 +133,25 @@ class StepKV:
         gets new ones); None otherwise. Only this pass's rows are new then."""
         if req_ids is None or req_ids != self.req_ids:
             return None
-        if not np.array_equal(md.ranges[:, : md.used_ranges].numpy(), self.ranges):
-            return None
+        if md.ranges_version < 0 or md.ranges_version != self.ranges_version:
+            if not np.array_equal(md.ranges[:, : md.used_ranges].numpy(), self.ranges):
+                return None
+            self.ranges_version = md.ranges_version
         seq = md.seq_lens.numpy().astype(np.int64)
         n_old = seq - q_lens
-        if (n_old > self.n_cached).any() or (n_old > self.width).any():
+        if (n_old > self.n_cached).any():  # (n_cached <= width: so are these keys in the copy)
             return None
-        bs, table = kv_cache.shape[2], md.block_table.numpy()
-        used = np.where(n_old > 0, self.p[np.arange(len(seq)), np.maximum(n_old - 1, 0)] // bs + 1, 0)  # [B] blocks
-        cols = min(table.shape[1], self.table.shape[1])
-        if used.max() > cols or not ((table[:, :cols] == self.table[:, :cols])
-                                     | (np.arange(cols) >= used[:, None])).all():
-            return None
+        table = md.block_table.numpy()
+        if table.shape != self.table.shape or not np.array_equal(table, self.table):  # (steps mostly keep it)
+            bs = kv_cache.shape[2]
+            used = np.where(n_old > 0, self.p[np.arange(len(seq)), np.maximum(n_old - 1, 0)] // bs + 1, 0)  # [B]
+            cols = min(table.shape[1], self.table.shape[1])
+            if used.max() > cols or not ((table[:, :cols] == self.table[:, :cols])
+                                         | (np.arange(cols) >= used[:, None])).all():
+                return None
+            self.table = table.copy()
         st = self if int(seq.max()) + STEP_SLACK <= self.width else self.grown(md, int(seq.max()))
-        st.key, st.table = key, table.copy()
+        st.key = key
         st.n_valid = self._writable(st.p, md)
         st.n_cached = np.minimum(st.n_cached, n_old)
         return st
@@ -157,7 +164,8 @@ class StepKV:
         kv.view(B, W // COPY_BLOCK, *kv.shape[1:])[:, : self.width // COPY_BLOCK] = \
             self.kv.view(B, self.width // COPY_BLOCK, *kv.shape[1:])
         p = self._positions(md, W)
-        return StepKV(self.key, self.req_ids, p, self._writable(p, md), self.n_cached, self.table, self.ranges, kv)
+        return StepKV(self.key, self.req_ids, p, self._writable(p, md), self.n_cached, self.table, self.ranges, kv,
+                      ranges_version=self.ranges_version)
 
     def _put(self, req: np.ndarray, pos: np.ndarray, kv: torch.Tensor) -> None:
         """Rows (req, pos) of the copy <- kv [N, H, 2D] (through the kernel's own cache writer)."""

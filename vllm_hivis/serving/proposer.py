@@ -25,14 +25,17 @@ import torch
 from vllm.v1.spec_decode.eagle import EagleProposer
 
 from ..method.plan import (
+    SteadyBatch,
     StepPlan,
     compacted_sample_rows,
     drafter_seq_lens,
     dropped_ranges,
+    plan_decode,
     plan_step,
     record_prefill,
     request_spans,
     stack_ranges,
+    steady_batch,
     write_limits,
 )
 from .config import is_hivis
@@ -55,7 +58,9 @@ class HiViSProposer(EagleProposer):
         self.tracer = ProposalTracer()
         self.failures = 0  # proposals that raised and fell back (see _fallback_drafts)
         self.last_plan: StepPlan | None = None  # this step's plan (faults tests, debugging)
-        self._span_cache: dict[str, tuple] = {}  # req_id -> (image spans, their dropped ranges)
+        self._span_cache: dict[str, tuple] = {}  # req_id -> (request state, image spans, their dropped ranges)
+        self._steady: SteadyBatch | None = None  # the last full plan's batch (plan.py plan_decode)
+        self._shift_tensors: dict = {}  # (device, dtype) -> (SteadyBatch.shift, it as a tensor)
         self._no_spans = (request_spans(None), dropped_ranges([request_spans(None)]))  # padded batch rows
         self.drops = DropRanges(vllm_config.scheduler_config.max_num_seqs, max_spans(vllm_config), device)
 
@@ -94,34 +99,50 @@ class HiViSProposer(EagleProposer):
         """Plan this step from the runner's CPU state: window starts, row counts, image spans."""
         batch, requests = self.runner.input_batch, self.runner.requests
         B = cad.num_reqs
-        req_ids = list(batch.req_ids[:B])  # fewer than B only for padded (empty) rows
+        req_ids = tuple(batch.req_ids[:B])  # fewer than B only for padded (empty) rows
         n = len(req_ids)
+        qsl = cad.query_start_loc_cpu[: B + 1].numpy()
+        # steady decoding (the same requests in the same rows, all past their prompts and images):
+        # plan_decode's few ops, and only the write limits change for the drafter's attention
+        states = tuple(map(requests.get, req_ids))  # request identity (a client may reuse an id)
+        steady = self._steady
+        if steady is not None and n == B and steady.key == states:
+            plan = plan_decode(batch.num_computed_tokens_cpu[:B], qsl, steady)
+            if plan is not None:
+                self.drops.publish_limits(write_limits(batch.num_computed_tokens_cpu[:B], qsl,
+                                                       self.num_speculative_tokens))
+                self.last_plan = plan
+                return plan
+        self._steady = None  # (until this plan is published)
         num_computed = np.zeros(B, dtype=np.int64)
         num_computed[:n] = batch.num_computed_tokens_cpu[:n]
         prompt_lens = np.zeros(B, dtype=np.int64)
         prompt_lens[:n] = batch.num_prompt_tokens[:n]
         cached = [self._spans(r, requests) for r in req_ids] + [self._no_spans] * (B - n)
-        qsl = cad.query_start_loc_cpu[: B + 1].numpy().astype(np.int64)
-        plan = plan_step(num_computed, qsl, [c[0] for c in cached], prompt_lens,
-                         ranges=stack_ranges([c[1] for c in cached]))
-        record_prefill(self.prefill_counters, req_ids, plan, num_computed, qsl, prompt_lens)
+        qsl = qsl.astype(np.int64)
+        ranges = stack_ranges([c[1] for c in cached])
+        plan = plan_step(num_computed, qsl, [c[0] for c in cached], prompt_lens, ranges=ranges)
+        record_prefill(self.prefill_counters, list(req_ids), plan, num_computed, qsl, prompt_lens)
         # for the drafter's attention: each request's dropped rows, and how far it may write (its
         # window end plus the draft steps' lookahead slots)
         self.drops.publish(plan.drop_lo, plan.drop_hi, write_limits(num_computed, qsl, self.num_speculative_tokens),
-                           tuple(req_ids) if n == B else None)
+                           req_ids if n == B else None)
+        self._steady = steady_batch(states, ranges, prompt_lens) if n == B else None
         self.last_plan = plan
         return plan
 
     def _spans(self, req_id: str, requests) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
         """A request's image spans and their dropped ranges (plan.py ``dropped_ranges``), computed
-        once per request (they are a property of its prompt)."""
+        once per request (they are a property of its prompt; a reused request id is a new request
+        state, hence new spans)."""
+        state = requests[req_id]
         c = self._span_cache.get(req_id)
-        if c is None:
+        if c is None or c[0] is not state:
             if len(self._span_cache) > 2 * len(requests) + 64:  # forget finished requests
                 self._span_cache = {r: v for r, v in self._span_cache.items() if r in requests}
-            sp = request_spans(requests[req_id].mm_features)
-            c = self._span_cache[req_id] = (sp, dropped_ranges([sp]))
-        return c
+            sp = request_spans(state.mm_features)
+            c = self._span_cache[req_id] = (state, sp, dropped_ranges([sp]))
+        return c[1:]
 
     def set_inputs_first_pass(self, target_token_ids, next_token_ids, target_positions, target_hidden_states,
                               token_indices_to_sample, cad, num_rejected_tokens_gpu):
@@ -152,34 +173,35 @@ class HiViSProposer(EagleProposer):
         """
         dev = self.input_ids.device
         M = len(plan.keep_idx)
-        if plan.keeps_all:  # no row dropped this step (decode): the rows stay where they are
-            slot_mapping = cad.slot_mapping
-        else:
-            keep = torch.from_numpy(plan.keep_idx).to(dev, non_blocking=True)
-            # Gather into the persistent buffers (right-hand sides are materialised first).
-            self.input_ids[:M] = self.input_ids[keep]
-            self.hidden_states[:M] = self.hidden_states[keep]
-            slot_mapping = cad.slot_mapping[keep]
         # Positions come from the plan (1-D sequence indices), never from the target's: an M-RoPE
         # target's (Qwen2.5-VL) are three rows that jump over images by their grid size, not their length.
         self.positions[:M].copy_(torch.from_numpy(plan.positions), non_blocking=True)
+        ub = cad.seq_lens_cpu_upper_bound
+        new_ub = None if ub is None else self._drafter_seq_lens(ub[: len(plan.seq_shift)], plan.seq_shift)
+        changed = dict(seq_lens=self._drafter_seq_lens(cad.seq_lens, plan.seq_shift), seq_lens_cpu_upper_bound=new_ub,
+                       max_seq_len=int(new_ub.max()) if new_ub is not None else cad.max_seq_len, positions=None,
+                       num_actual_tokens=M, _num_computed_tokens_cache=None, _token_to_req_indices_cache=None)
+        if plan.keeps_all:  # no row dropped (decode): rows, query ranges and sample rows stay as they are
+            return M, tis, dataclasses.replace(cad, **changed)
+        keep = torch.from_numpy(plan.keep_idx).to(dev, non_blocking=True)
+        # Gather into the persistent buffers (right-hand sides are materialised first).
+        self.input_ids[:M] = self.input_ids[keep]
+        self.hidden_states[:M] = self.hidden_states[keep]
         qsl_cpu = torch.from_numpy(plan.query_start_loc)
         qsl = qsl_cpu.to(dev, non_blocking=True)
-        new_tis = compacted_sample_rows(tis, cad.query_start_loc, qsl)
-        ub = cad.seq_lens_cpu_upper_bound
-        new_ub = None if ub is None else drafter_seq_lens(ub[: len(plan.seq_shift)], plan.seq_shift)
         new_cad = dataclasses.replace(
-            cad,
-            query_start_loc=qsl,
-            query_start_loc_cpu=qsl_cpu,
-            seq_lens=drafter_seq_lens(cad.seq_lens, plan.seq_shift),
-            seq_lens_cpu_upper_bound=new_ub,
-            num_actual_tokens=M,
-            max_query_len=int(np.diff(plan.query_start_loc).max()),
-            max_seq_len=int(new_ub.max()) if new_ub is not None else cad.max_seq_len,
-            slot_mapping=slot_mapping,
-            positions=None,
-            _num_computed_tokens_cache=None,
-            _token_to_req_indices_cache=None,
-        )
-        return M, new_tis, new_cad
+            cad, query_start_loc=qsl, query_start_loc_cpu=qsl_cpu,
+            max_query_len=int(np.diff(plan.query_start_loc).max()), slot_mapping=cad.slot_mapping[keep], **changed)
+        return M, compacted_sample_rows(tis, cad.query_start_loc, qsl), new_cad
+
+    def _drafter_seq_lens(self, seq_lens: torch.Tensor, shift: np.ndarray) -> torch.Tensor:
+        """plan.py drafter_seq_lens (seq_lens: [B_pad], shift: [B]), in one op while the batch is
+        steady: its shift (the same array every step) is kept as a tensor on seq_lens's device."""
+        if len(shift) != seq_lens.shape[0] or self._steady is None or shift is not self._steady.shift:
+            return drafter_seq_lens(seq_lens, shift)
+        key = (seq_lens.device, seq_lens.dtype)
+        t = self._shift_tensors.get(key)
+        if t is None or t[0] is not shift:
+            t = self._shift_tensors[key] = (shift, torch.from_numpy(shift).to(device=seq_lens.device,
+                                                                              dtype=seq_lens.dtype))
+        return seq_lens - t[1]
